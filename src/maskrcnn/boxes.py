@@ -1,0 +1,128 @@
+"""Box math: delta coding, clipping, frame conversion, IoU.  Pure functions on tensors.
+
+Boxes are ``[..., (x1, y1, x2, y2)]`` everywhere in the package (torchvision's order).  Deltas are
+``[..., (dx, dy, log dw, log dh)]``, the offset of the centre in units of the box size and the
+log of the size ratio, divided by a std-dev (Matterport's ``*_STD_DEV``) before a head predicts them.
+
+Two frames are used between the stages of the model (see ``Config.box_frame``):
+
+* **pixel**: corners in pixels of the molded (resized, padded) image, x2/y2 exclusive.
+* **normalized**: Matterport's ``norm_boxes`` convention,
+  ``(x1, y1, x2 - 1, y2 - 1) / (W - 1, H - 1, W - 1, H - 1)``, so (x2, y2) lies inside the box.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision.ops import box_iou  # noqa: F401  (re-exported: IoU is torchvision's)
+
+
+def std_xy(std_dev) -> tuple:
+    """Matterport's std-dev order (dy, dx, dh, dw) to ours (dx, dy, dw, dh)."""
+    sy, sx, sh, sw = std_dev
+    return (sx, sy, sw, sh)
+
+
+def apply_box_deltas(boxes: torch.Tensor, deltas: torch.Tensor, std=(1.0, 1.0, 1.0, 1.0),
+                     clip_log_size: float | None = None) -> torch.Tensor:
+    """Refine boxes by deltas.
+
+    boxes:  [..., (x1, y1, x2, y2)] in any frame.
+    deltas: [..., (dx, dy, log dw, log dh)] as predicted, i.e. before multiplying by ``std``.
+    std:    (sx, sy, sw, sh), multiplied into the deltas (Matterport's RPN_BBOX_STD_DEV in
+            x-first order; torchvision's BoxCoder weights ``w`` correspond to ``1 / w``).
+    clip_log_size: upper clamp on log dw, log dh (torchvision: log(1000/16)); None = no clamp.
+    Returns [..., (x1, y1, x2, y2)] in the same frame.
+    """
+    std = deltas.new_tensor(std)
+    deltas = deltas * std
+    width = boxes[..., 2] - boxes[..., 0]
+    height = boxes[..., 3] - boxes[..., 1]
+    cx = boxes[..., 0] + 0.5 * width
+    cy = boxes[..., 1] + 0.5 * height
+    dw, dh = deltas[..., 2], deltas[..., 3]
+    if clip_log_size is not None:
+        dw = dw.clamp(max=clip_log_size)
+        dh = dh.clamp(max=clip_log_size)
+    cx = cx + deltas[..., 0] * width
+    cy = cy + deltas[..., 1] * height
+    width = width * torch.exp(dw)
+    height = height * torch.exp(dh)
+    x1 = cx - 0.5 * width
+    y1 = cy - 0.5 * height
+    return torch.stack([x1, y1, x1 + width, y1 + height], dim=-1)
+
+
+def box_deltas(boxes: torch.Tensor, targets: torch.Tensor, std=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
+    """The deltas that :func:`apply_box_deltas` needs to turn ``boxes`` into ``targets``.
+
+    boxes, targets: [..., (x1, y1, x2, y2)] in the same frame, positive sizes.
+    Returns [..., (dx, dy, log dw, log dh)] divided by ``std`` (sx, sy, sw, sh).
+    """
+    width = boxes[..., 2] - boxes[..., 0]
+    height = boxes[..., 3] - boxes[..., 1]
+    cx = boxes[..., 0] + 0.5 * width
+    cy = boxes[..., 1] + 0.5 * height
+    t_width = targets[..., 2] - targets[..., 0]
+    t_height = targets[..., 3] - targets[..., 1]
+    t_cx = targets[..., 0] + 0.5 * t_width
+    t_cy = targets[..., 1] + 0.5 * t_height
+    deltas = torch.stack([(t_cx - cx) / width, (t_cy - cy) / height,
+                          torch.log(t_width / width), torch.log(t_height / height)], dim=-1)
+    return deltas / deltas.new_tensor(std)
+
+
+def clip_boxes(boxes: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Clip boxes to a window.
+
+    boxes:  [..., (x1, y1, x2, y2)].
+    window: [(x1, y1, x2, y2)] or broadcastable to boxes, in the same frame.
+    """
+    x1 = torch.minimum(torch.maximum(boxes[..., 0], window[..., 0]), window[..., 2])
+    y1 = torch.minimum(torch.maximum(boxes[..., 1], window[..., 1]), window[..., 3])
+    x2 = torch.minimum(torch.maximum(boxes[..., 2], window[..., 0]), window[..., 2])
+    y2 = torch.minimum(torch.maximum(boxes[..., 3], window[..., 1]), window[..., 3])
+    return torch.stack([x1, y1, x2, y2], dim=-1)
+
+
+def normalize_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pixel corners (x2, y2 exclusive) of a ``height`` x ``width`` image -> normalized frame."""
+    scale = boxes.new_tensor([width - 1, height - 1, width - 1, height - 1])
+    shift = boxes.new_tensor([0, 0, 1, 1])
+    return (boxes - shift) / scale
+
+
+def denormalize_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Normalized frame -> pixel corners of a ``height`` x ``width`` image (not rounded)."""
+    scale = boxes.new_tensor([width - 1, height - 1, width - 1, height - 1])
+    shift = boxes.new_tensor([0, 0, 1, 1])
+    return boxes * scale + shift
+
+
+def yxyx_to_xyxy(boxes):
+    """Swap Matterport's (y1, x1, y2, x2) order to (x1, y1, x2, y2) and back (an involution)."""
+    return boxes[..., [1, 0, 3, 2]]
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight boxes of binary masks, as Matterport's ``extract_bboxes``.
+
+    masks: [N, H, W] bool.  Returns [N, (x1, y1, x2, y2)] float32 pixels, x2/y2 exclusive;
+    an empty mask gives (0, 0, 0, 0).
+    """
+    n = masks.shape[0]
+    if n == 0:
+        return torch.zeros(0, 4, device=masks.device)
+    rows = masks.any(dim=2)  # [N, H]
+    cols = masks.any(dim=1)  # [N, W]
+    h, w = masks.shape[1:]
+    ar_h = torch.arange(h, device=masks.device)
+    ar_w = torch.arange(w, device=masks.device)
+    big = torch.iinfo(torch.int64).max
+    y1 = torch.where(rows, ar_h, big).min(dim=1).values
+    y2 = torch.where(rows, ar_h, -1).max(dim=1).values + 1
+    x1 = torch.where(cols, ar_w, big).min(dim=1).values
+    x2 = torch.where(cols, ar_w, -1).max(dim=1).values + 1
+    boxes = torch.stack([x1, y1, x2, y2], dim=1)
+    empty = ~rows.any(dim=1)
+    boxes[empty] = 0
+    return boxes.float()
