@@ -1,0 +1,206 @@
+"""Training targets: which anchors and which ROIs the losses look at, and what they should predict.
+
+Two pure functions, one per stage, both on whatever device their inputs are on:
+
+* :func:`build_rpn_targets` labels every anchor positive / negative / ignored against the ground
+  truth and samples a balanced subset (Matterport's ``build_rpn_targets``, vectorised).
+* :func:`build_detection_targets` samples ROIs from the proposals, gives each a class id, the
+  box deltas to its ground truth and a ``mask_shape`` mask target (Matterport's
+  ``detection_targets_graph``).
+
+All boxes are ``(x1, y1, x2, y2)`` in pixels of the molded image (x2, y2 exclusive), the frame of
+:mod:`maskrcnn.boxes`.  Crowd annotations are never matched; anything that overlaps a crowd box at
+all (IoU >= ``CROWD_IOU``) is not used as a negative either, since it may show an object.
+
+Random subsampling draws from ``generator`` (a CPU ``torch.Generator``) or, when None, from
+torch's global generator, so a run is reproducible from its seed and a resumed run from the
+RNG state saved in its checkpoint.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision.ops import box_iou, roi_align
+
+from ..boxes import box_deltas
+
+#: An anchor or ROI with at least this IoU with a crowd box is not a negative (Matterport).
+CROWD_IOU = 0.001
+
+
+def _random_subset(indices: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """At most ``count`` of ``indices`` [K] (int64, any device), chosen uniformly at random,
+    in random order.  The permutation is drawn on the CPU so the result does not depend on
+    the device."""
+    count = max(int(count), 0)
+    if indices.numel() <= count:
+        return indices
+    order = torch.randperm(indices.numel(), generator=generator)[:count]
+    return indices[order.to(indices.device)]
+
+
+def _crowd_overlap(boxes: torch.Tensor, crowd_boxes: torch.Tensor) -> torch.Tensor:
+    """[N] bool: box i overlaps some crowd box with IoU >= CROWD_IOU.
+
+    boxes: [N, 4], crowd_boxes: [C, 4], both (x1, y1, x2, y2) in the same frame."""
+    if crowd_boxes.shape[0] == 0:
+        return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    return box_iou(boxes, crowd_boxes).max(dim=1).values >= CROWD_IOU
+
+
+def _match(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best ground truth of each box.
+
+    boxes: [N, 4], gt_boxes: [G, 4] with G >= 1.
+    Returns (iou [N, G], best gt index [N] int64)."""
+    iou = box_iou(boxes, gt_boxes)
+    return iou, iou.argmax(dim=1)
+
+
+def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: torch.Tensor,
+                      num_samples: int = 256, positive_ratio: float = 0.5,
+                      positive_iou: float = 0.7, negative_iou: float = 0.3,
+                      std=(1.0, 1.0, 1.0, 1.0),
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label and sample anchors for the RPN losses (Matterport's ``build_rpn_targets``).
+
+    anchors:  [A, (x1, y1, x2, y2)] molded-image pixels.
+    gt_boxes: [G, (x1, y1, x2, y2)] molded-image pixels (G may be 0).
+    gt_crowd: [G] bool, True for crowd annotations (never matched; anchors overlapping one with
+              IoU >= 0.001 are not used as negatives).
+    num_samples: anchors sampled per image (``rpn_train_anchors_per_image``).
+    positive_ratio: at most ``int(num_samples * positive_ratio)`` positives; negatives fill the rest.
+    positive_iou / negative_iou: an anchor is positive at IoU >= positive_iou with a non-crowd gt,
+              negative below negative_iou with all of them.  Each gt's best anchor(s) (all anchors
+              tied at its highest IoU, if that IoU is > 0) are positive too, so every object is
+              seen even when no anchor reaches positive_iou.
+    std:      (sx, sy, sw, sh), x-first (``boxes.std_xy(config.rpn_bbox_std_dev)``).
+
+    Returns
+      labels: [A] int64, 1 positive, 0 negative, -1 ignored (neither, or not sampled).
+      deltas: [A, (dx, dy, log dw, log dh)] float, ``box_deltas(anchor, matched gt) / std`` for the
+              sampled positives, zeros elsewhere.
+    With no (non-crowd) gt, every sampled anchor is negative.
+    """
+    device = anchors.device
+    num_anchors = anchors.shape[0]
+    gt_crowd = gt_crowd.to(device=device, dtype=torch.bool)
+    gt_boxes = gt_boxes.to(device=device, dtype=anchors.dtype)
+    crowd = _crowd_overlap(anchors, gt_boxes[gt_crowd])
+    objects = gt_boxes[~gt_crowd]
+
+    labels = torch.full((num_anchors,), -1, dtype=torch.int64, device=device)
+    deltas = torch.zeros(num_anchors, 4, dtype=anchors.dtype, device=device)
+    if objects.shape[0] == 0:
+        labels[~crowd] = 0
+    else:
+        iou, best_gt = _match(anchors, objects)
+        best_iou = iou.gather(1, best_gt[:, None])[:, 0]
+        labels[(best_iou < negative_iou) & ~crowd] = 0
+        # Each gt's best anchor(s), ties included (Matterport), but not at IoU 0: an object no
+        # anchor touches would otherwise make every anchor positive.
+        gt_best = iou.max(dim=0).values
+        is_best = ((iou == gt_best[None, :]) & (gt_best[None, :] > 0)).any(dim=1)
+        labels[is_best | (best_iou >= positive_iou)] = 1
+
+    positives = torch.nonzero(labels == 1)[:, 0]
+    keep_pos = _random_subset(positives, int(num_samples * positive_ratio), generator)
+    labels[positives] = -1
+    labels[keep_pos] = 1
+    negatives = torch.nonzero(labels == 0)[:, 0]
+    keep_neg = _random_subset(negatives, num_samples - keep_pos.numel(), generator)
+    labels[negatives] = -1
+    labels[keep_neg] = 0
+
+    if keep_pos.numel():
+        deltas[keep_pos] = box_deltas(anchors[keep_pos], objects[best_gt[keep_pos]], std)
+    return labels, deltas
+
+
+def build_detection_targets(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
+                            gt_masks: torch.Tensor, gt_crowd: torch.Tensor, num_samples: int,
+                            positive_ratio: float, positive_iou: float = 0.5,
+                            negative_iou: float = 0.5, std=(1.0, 1.0, 1.0, 1.0),
+                            mask_shape=(28, 28), generator: torch.Generator | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample ROIs for the box and mask heads and build their targets (Matterport's
+    ``detection_targets_graph``).
+
+    proposals: [P, (x1, y1, x2, y2)] molded-image pixels (detached; the RPN's output).
+    gt_boxes:  [G, (x1, y1, x2, y2)] molded-image pixels (G may be 0).
+    gt_labels: [G] int64 class ids 1..num_classes-1.
+    gt_masks:  [G, H, W] bool full masks in the molded-image frame.
+    gt_crowd:  [G] bool; crowd gt is never a positive's match, and proposals overlapping it
+               (IoU >= 0.001) are not negatives.
+    num_samples: ROIs per image (``train_rois_per_image``).
+    positive_ratio: at most ``int(num_samples * positive_ratio)`` positives (``roi_positive_ratio``);
+               negatives fill up to ``num_samples`` (torchvision's sampler).  Matterport instead
+               keeps the ratio exact and zero-pads, which leaves an image without positives
+               with no ROIs at all; filling lets such images train as negatives.
+    positive_iou / negative_iou: positive at IoU >= positive_iou with a non-crowd gt, negative
+               below negative_iou with all of them.
+    std:       (sx, sy, sw, sh), x-first (``boxes.std_xy(config.bbox_std_dev)``).
+    mask_shape: (h, w) of the mask targets.
+
+    The non-crowd gt boxes are added to the proposals before sampling (as torchvision does;
+    Matterport relies on the RPN alone): early in training the RPN proposes nothing near the
+    objects, and the gt boxes give the heads perfect positives from the first step.
+
+    Returns, R <= num_samples, positives first:
+      rois:   [R, (x1, y1, x2, y2)] molded-image pixels.
+      labels: [R] int64, the matched gt's class for positives, 0 for negatives.
+      deltas: [R, (dx, dy, log dw, log dh)], ``box_deltas(roi, gt) / std`` for positives, 0 else.
+      masks:  [R, *mask_shape] float in {0, 1}: the matched gt mask cropped to the roi and
+              resized (torchvision ``roi_align`` with ``aligned=True``, whose half-pixel shift
+              fits our pixel-corner boxes), thresholded at 0.5 like Matterport; zeros for
+              negatives.
+    """
+    device = proposals.device
+    dtype = proposals.dtype
+    gt_crowd = gt_crowd.to(device=device, dtype=torch.bool)
+    gt_boxes = gt_boxes.to(device=device, dtype=dtype)
+    objects = gt_boxes[~gt_crowd]
+    object_labels = gt_labels.to(device)[~gt_crowd]
+    object_masks = gt_masks.to(device)[~gt_crowd]
+    candidates = torch.cat([proposals.detach(), objects], dim=0)
+    crowd = _crowd_overlap(candidates, gt_boxes[gt_crowd])
+
+    if objects.shape[0] == 0:
+        positive = torch.zeros(candidates.shape[0], dtype=torch.bool, device=device)
+        negative = ~crowd
+        best_gt = torch.zeros(candidates.shape[0], dtype=torch.int64, device=device)
+    else:
+        iou, best_gt = _match(candidates, objects)
+        best_iou = iou.gather(1, best_gt[:, None])[:, 0]
+        positive = best_iou >= positive_iou
+        negative = (best_iou < negative_iou) & ~crowd & ~positive
+
+    keep_pos = _random_subset(torch.nonzero(positive)[:, 0], int(num_samples * positive_ratio), generator)
+    keep_neg = _random_subset(torch.nonzero(negative)[:, 0], num_samples - keep_pos.numel(), generator)
+    keep = torch.cat([keep_pos, keep_neg])
+    rois = candidates[keep]
+    num_pos = keep_pos.numel()
+
+    labels = torch.zeros(keep.numel(), dtype=torch.int64, device=device)
+    deltas = torch.zeros(keep.numel(), 4, dtype=dtype, device=device)
+    masks = torch.zeros(keep.numel(), *mask_shape, dtype=dtype, device=device)
+    if num_pos:
+        matched = best_gt[keep_pos]
+        labels[:num_pos] = object_labels[matched]
+        deltas[:num_pos] = box_deltas(rois[:num_pos], objects[matched], std)
+        masks[:num_pos] = crop_mask_targets(object_masks, matched, rois[:num_pos], mask_shape)
+    return rois, labels, deltas, masks
+
+
+def crop_mask_targets(gt_masks: torch.Tensor, gt_index: torch.Tensor, rois: torch.Tensor,
+                      mask_shape=(28, 28)) -> torch.Tensor:
+    """Crop each roi's gt mask and resize it to ``mask_shape``.
+
+    gt_masks: [G, H, W] bool, molded-image frame.
+    gt_index: [R] int64, which gt mask each roi takes.
+    rois:     [R, (x1, y1, x2, y2)] molded-image pixels.
+    Returns [R, *mask_shape] float in {0, 1} (bilinear average >= 0.5).
+    """
+    boxes = torch.cat([gt_index[:, None].to(rois.dtype), rois], dim=1)
+    crops = roi_align(gt_masks[:, None].to(rois.dtype), boxes, tuple(mask_shape),
+                      spatial_scale=1.0, sampling_ratio=2, aligned=True)[:, 0]
+    return (crops >= 0.5).to(rois.dtype)
