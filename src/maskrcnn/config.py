@@ -119,6 +119,8 @@ class Config:
     #: Box head: "conv" = pool-sized conv + BN, 1x1 conv + BN (Matterport); "mlp" = two
     #: fully connected layers without BN (torchvision TwoMLPHead).
     box_head: str = "conv"
+    #: Channels of the mask head's convs (256 in both originals).
+    mask_head_channels: int = 256
     #: BatchNorm after each conv of the mask head (Matterport True, torchvision v1 False).
     mask_head_bn: bool = True
     #: BatchNorm epsilon of the heads (Keras 1e-3).

@@ -1,0 +1,122 @@
+"""DetectionLayer (final boxes, classes, scores) and full-size mask pasting.
+
+``detect_boxes`` turns classifier outputs over the proposals into at most
+``detection_max_instances`` detections; ``paste_masks_matterport`` / ``paste_masks_torchvision``
+resample the 28x28 mask of each detection into the original image.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import batched_nms, remove_small_boxes
+
+from ..boxes import apply_box_deltas, clip_boxes
+
+
+def stable_score_order(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """``candidates`` (indices into scores) sorted by descending score; equal scores keep the
+    lower index first (TF ``top_k`` over a sorted index set)."""
+    candidates = candidates.sort().values
+    return candidates[torch.sort(scores[candidates], descending=True, stable=True).indices]
+
+
+def detect_boxes(rois: torch.Tensor, class_logits: torch.Tensor, deltas: torch.Tensor,
+                 window: torch.Tensor, std, mode: str = "argmax", min_confidence: float = 0.0,
+                 nms_threshold: float = 0.3, max_instances: int = 100, min_size: float = 0.0,
+                 clip_log_size=None):
+    """DetectionLayer for one image.
+
+    rois:         [R, (x1, y1, x2, y2)] proposals in the model's box frame.
+    class_logits: [R, num_classes].
+    deltas:       [R, num_classes, (dx, dy, log dw, log dh)] before multiplying by ``std``.
+    window:       [(x1, y1, x2, y2)] the image's real content, same frame; boxes are clipped to it.
+    mode:         "argmax": each ROI's best class only, kept if its score >= min_confidence
+                  (skipped when min_confidence is 0, as Matterport does); "all_classes": every
+                  (ROI, class) pair with score > min_confidence (torchvision).
+    Returns (boxes [D, 4], class_ids [D] int64, scores [D]), sorted by descending score; per-class
+    NMS at ``nms_threshold``; D <= max_instances.
+    """
+    probs = torch.softmax(class_logits, dim=1)
+    r, num_classes = probs.shape
+    if mode == "argmax":
+        class_ids = probs.argmax(dim=1)
+        scores = probs[torch.arange(r, device=probs.device), class_ids]
+        boxes = apply_box_deltas(rois, deltas[torch.arange(r, device=probs.device), class_ids], std,
+                                 clip_log_size)
+        boxes = clip_boxes(boxes, window)
+        keep = class_ids > 0
+        if min_confidence:
+            keep &= scores >= min_confidence
+    else:
+        boxes = apply_box_deltas(rois[:, None, :].expand(-1, num_classes, -1), deltas, std, clip_log_size)
+        boxes = clip_boxes(boxes, window)[:, 1:].reshape(-1, 4)
+        scores = probs[:, 1:].reshape(-1)
+        class_ids = torch.arange(1, num_classes, device=probs.device).repeat(r)
+        keep = scores > min_confidence
+    idx = torch.nonzero(keep).squeeze(1)
+    if min_size > 0:
+        idx = idx[remove_small_boxes(boxes[idx], min_size)]
+    kept = idx[batched_nms(boxes[idx], scores[idx], class_ids[idx], nms_threshold)]
+    if mode == "argmax":
+        kept = stable_score_order(scores, kept)
+    kept = kept[:max_instances]
+    return boxes[kept], class_ids[kept], scores[kept]
+
+
+def paste_masks_matterport(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int],
+                           threshold: float = 0.5) -> torch.Tensor:
+    """Matterport's ``unmold_mask`` for each detection: resize the mask to its integer box with
+    bilinear sampling that reads 0 outside the mask (skimage ``order=1, mode='constant'``), keep
+    values >= threshold, paste.
+
+    masks: [N, m, m] probabilities.  boxes: [N, (x1, y1, x2, y2)] integer pixels inside the image.
+    Returns [N, H, W] bool.
+    """
+    h, w = image_shape
+    out = torch.zeros(masks.shape[0], h, w, dtype=torch.bool, device=masks.device)
+    for i in range(masks.shape[0]):
+        x1, y1, x2, y2 = (int(v) for v in boxes[i])
+        bh, bw = y2 - y1, x2 - x1
+        if bh <= 0 or bw <= 0:
+            continue
+        # Sample j of n along an axis of length m lies at (j + 0.5) * m / n - 0.5 (half-pixel);
+        # grid_sample's align_corners=False maps grid g to (g + 1) * m / 2 - 0.5, so g = (2j+1)/n - 1.
+        gy = (2 * torch.arange(bh, dtype=torch.float64, device=masks.device) + 1) / bh - 1
+        gx = (2 * torch.arange(bw, dtype=torch.float64, device=masks.device) + 1) / bw - 1
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
+        resized = F.grid_sample(masks[i][None, None].double(), grid, mode="bilinear",
+                                padding_mode="zeros", align_corners=False)[0, 0]
+        out[i, y1:y2, x1:x2] = resized >= threshold
+    return out
+
+
+def paste_masks_torchvision(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int],
+                            threshold: float = 0.5, padding: int = 1) -> torch.Tensor:
+    """torchvision's ``paste_masks_in_image`` followed by ``> threshold``.
+
+    masks: [N, m, m] probabilities.  boxes: [N, (x1, y1, x2, y2)] float pixels of the image.
+    Returns [N, H, W] bool.
+    """
+    n, m = masks.shape[0], masks.shape[-1]
+    h, w = image_shape
+    out = torch.zeros(n, h, w, dtype=torch.bool, device=masks.device)
+    if n == 0:
+        return out
+    scale = (m + 2 * padding) / m
+    padded = F.pad(masks, (padding,) * 4)
+    half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+    half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    cx = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    cy = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    expanded = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1).to(torch.int64)
+    for i in range(n):
+        bx1, by1, bx2, by2 = (int(v) for v in expanded[i])
+        bw, bh = max(bx2 - bx1 + 1, 1), max(by2 - by1 + 1, 1)
+        resized = F.interpolate(padded[i][None, None], size=(bh, bw), mode="bilinear",
+                                align_corners=False)[0, 0]
+        x0, x1 = max(bx1, 0), min(bx2 + 1, w)
+        y0, y1 = max(by1, 0), min(by2 + 1, h)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        out[i, y0:y1, x0:x1] = resized[y0 - by1:y1 - by1, x0 - bx1:x1 - bx1] > threshold
+    return out

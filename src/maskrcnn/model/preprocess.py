@@ -1,0 +1,165 @@
+"""Molding: images of any size -> one normalized float batch the network takes, and back.
+
+Resize modes (``Config.image_resize_mode``), Matterport's four and torchvision's:
+
+* ``"square"``: scale so the short side is ``image_min_dim`` (never down) unless the long side
+  would pass ``image_max_dim``, then pad centred to ``image_max_dim`` x ``image_max_dim``.
+* ``"pad64"``: scale as above (without the max), pad centred up to multiples of 64.
+* ``"none"``: no resize, no padding.
+* ``"torchvision"``: scale = min(min_dim / short side, max_dim / long side), bilinear on the
+  normalized float image (``GeneralizedRCNNTransform``); the batch is padded bottom/right to a
+  multiple of ``image_size_divisor``.
+
+Matterport's modes resize the uint8 image with skimage (bilinear, zero outside, no anti-aliasing)
+and truncate back to uint8, exactly as ``utils.resize_image`` does, then subtract ``mean_pixel``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+
+
+@dataclass
+class ImageMeta:
+    """Where an original image sits inside the molded batch.
+
+    original_shape: (h, w) of the input image.
+    window: (y1, x1, y2, x2) pixels of the real (resized) image inside the molded image.
+    scale: the resize factor (Matterport's ``scale``; torchvision's ``scale_factor``).
+    """
+
+    original_shape: tuple[int, int]
+    window: tuple[int, int, int, int]
+    scale: float
+
+
+def as_hwc_uint8(image) -> np.ndarray:
+    """An RGB image as [H, W, 3] uint8 numpy, from numpy HxWx3 or a [3, H, W] tensor."""
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise DataError(f"image tensor of shape {tuple(image.shape)}: expected [3, H, W]")
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise DataError(f"image of shape {image.shape}: expected H x W x 3 RGB")
+    if image.dtype != np.uint8:
+        raise DataError(f"image of dtype {image.dtype}: expected uint8 RGB values 0..255")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise DataError(f"image of shape {image.shape}: it is empty")
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def resize_matterport(image: np.ndarray, mode: str, min_dim: int, max_dim: int, min_scale: float = 0):
+    """Matterport's ``utils.resize_image`` (modes none, square, pad64).
+
+    image: [H, W, 3] uint8.  Returns (image [H', W', 3] uint8, window (y1, x1, y2, x2), scale).
+    """
+    h, w = image.shape[:2]
+    window = (0, 0, h, w)
+    scale = 1
+    if mode == "none":
+        return image, window, scale
+    if min_dim:
+        scale = max(1, min_dim / min(h, w))
+    if min_scale and scale < min_scale:
+        scale = min_scale
+    if max_dim and mode == "square":
+        image_max = max(h, w)
+        if round(image_max * scale) > max_dim:
+            scale = max_dim / image_max
+    if scale != 1:
+        from skimage.transform import resize
+        image = resize(image, (round(h * scale), round(w * scale)), order=1, mode="constant", cval=0,
+                       clip=True, preserve_range=True, anti_aliasing=False).astype(np.uint8)
+    h, w = image.shape[:2]
+    if mode == "square":
+        top, left = (max_dim - h) // 2, (max_dim - w) // 2
+        bottom, right = max_dim - h - top, max_dim - w - left
+    elif mode == "pad64":
+        top = left = bottom = right = 0
+        if h % 64:
+            full = h - h % 64 + 64
+            top = (full - h) // 2
+            bottom = full - h - top
+        if w % 64:
+            full = w - w % 64 + 64
+            left = (full - w) // 2
+            right = full - w - left
+    else:
+        raise ValueError(f"image_resize_mode={mode!r} cannot be used for inference")
+    image = np.pad(image, [(top, bottom), (left, right), (0, 0)])
+    return image, (top, left, h + top, w + left), scale
+
+
+def normalize_matterport(image: np.ndarray, mean_pixel) -> torch.Tensor:
+    """[H, W, 3] uint8 -> [3, H, W] float32 ``image - mean_pixel`` (computed in float64, as the
+    original's float32 - float64 array, then fed as float32)."""
+    t = torch.from_numpy(image).permute(2, 0, 1).double()
+    mean = torch.tensor(mean_pixel, dtype=torch.float64)[:, None, None]
+    return (t - mean).float()
+
+
+def mold_torchvision(image: torch.Tensor, mean_pixel, std_pixel, min_dim: int, max_dim: int):
+    """torchvision's normalize-then-resize.  image: [3, H, W] uint8 on any device.
+    Returns ([3, H', W'] float32, window (0, 0, H', W'), scale)."""
+    x = image.float() / 255
+    mean = torch.tensor([m / 255 for m in mean_pixel], dtype=torch.float32, device=x.device)
+    std = torch.tensor([s / 255 for s in std_pixel], dtype=torch.float32, device=x.device)
+    x = (x - mean[:, None, None]) / std[:, None, None]
+    h, w = x.shape[-2:]
+    scale = min(min_dim / min(h, w), max_dim / max(h, w))
+    x = F.interpolate(x[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+                      align_corners=False)[0]
+    return x, (0, 0, x.shape[1], x.shape[2]), scale
+
+
+def mold_images(images, config, device) -> tuple[torch.Tensor, list[ImageMeta]]:
+    """Mold a list of RGB images (numpy [H, W, 3] uint8 or tensors [3, H, W] uint8).
+
+    Returns (batch [N, 3, H, W] float32 on ``device``, one ImageMeta per image).  Images of
+    different molded sizes are padded bottom/right with zeros to a common size (a multiple of
+    ``image_size_divisor`` in torchvision mode).
+    """
+    molded, metas = [], []
+    for image in images:
+        if config.image_resize_mode == "torchvision":
+            if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.dim() == 3 \
+                    and image.shape[0] == 3:
+                t = image.to(device)
+            else:
+                t = torch.from_numpy(as_hwc_uint8(image)).permute(2, 0, 1).to(device)
+            x, window, scale = mold_torchvision(t, config.mean_pixel, config.std_pixel or (255.0,) * 3,
+                                                config.image_min_dim, config.image_max_dim)
+            original = tuple(t.shape[-2:])
+        else:
+            arr = as_hwc_uint8(image)
+            resized, window, scale = resize_matterport(arr, config.image_resize_mode, config.image_min_dim,
+                                                       config.image_max_dim, config.image_min_scale)
+            x = normalize_matterport(resized, config.mean_pixel)
+            if config.std_pixel is not None:
+                x = x / torch.tensor(config.std_pixel, dtype=torch.float32)[:, None, None]
+            x = x.to(device)
+            original = arr.shape[:2]
+        molded.append(x)
+        metas.append(ImageMeta(tuple(int(v) for v in original), tuple(int(v) for v in window), scale))
+    return pad_batch(molded, config.image_size_divisor if config.image_resize_mode == "torchvision" else 1), metas
+
+
+def pad_batch(images: list[torch.Tensor], divisor: int = 1) -> torch.Tensor:
+    """Stack [3, H_i, W_i] tensors into [N, 3, H, W], zero-padded bottom/right; H and W are the
+    largest sizes rounded up to a multiple of ``divisor``."""
+    h = max(x.shape[1] for x in images)
+    w = max(x.shape[2] for x in images)
+    h, w = int(math.ceil(h / divisor) * divisor), int(math.ceil(w / divisor) * divisor)
+    batch = images[0].new_zeros(len(images), images[0].shape[0], h, w)
+    for i, x in enumerate(images):
+        batch[i, :, : x.shape[1], : x.shape[2]].copy_(x)
+    return batch
