@@ -1,0 +1,161 @@
+"""build_rpn_targets / build_detection_targets on small cases whose IoUs are worked out by hand."""
+import math
+
+import pytest
+import torch
+
+from maskrcnn.model.targets import build_detection_targets, build_rpn_targets
+
+GT = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+NO_CROWD = torch.tensor([False])
+STD = (0.1, 0.1, 0.2, 0.2)
+
+
+def test_rpn_thresholds_and_deltas():
+    anchors = torch.tensor([
+        [0.0, 0.0, 10.0, 10.0],    # IoU 1.0   -> positive
+        [0.0, 0.0, 10.0, 5.0],     # IoU 50/100 = 0.5 -> between 0.3 and 0.7: ignored
+        [20.0, 20.0, 30.0, 30.0],  # IoU 0 -> negative
+        [0.0, 0.0, 10.0, 8.0],     # IoU 80/100 = 0.8 -> positive
+    ])
+    labels, deltas = build_rpn_targets(anchors, GT, NO_CROWD, num_samples=256, std=STD)
+    assert labels.tolist() == [1, -1, 0, 1]
+    # anchor 3: w 10, h 8, centre (5, 4); gt centre (5, 5): dy = 1/8, dh = log(10/8)
+    expected = torch.tensor([0.0, 0.125 / 0.1, 0.0, math.log(10 / 8) / 0.2])
+    torch.testing.assert_close(deltas[3], expected)
+    assert deltas[0].abs().max() == 0 and deltas[1:3].abs().max() == 0
+
+
+def test_rpn_best_anchor_of_each_gt_is_positive_ties_included():
+    anchors = torch.tensor([
+        [0.0, 0.0, 10.0, 4.0],    # IoU 0.4, the gt's best
+        [0.0, 6.0, 10.0, 10.0],   # IoU 0.4 as well: tie, also positive
+        [0.0, 0.0, 10.0, 2.0],    # IoU 0.2 -> negative
+        [50.0, 50.0, 60.0, 60.0], # IoU 0 -> negative
+    ])
+    labels, _ = build_rpn_targets(anchors, GT, NO_CROWD)
+    assert labels.tolist() == [1, 1, 0, 0]
+
+
+def test_rpn_gt_touching_no_anchor_makes_no_positive():
+    anchors = torch.tensor([[50.0, 50.0, 60.0, 60.0], [70.0, 70.0, 80.0, 80.0]])
+    labels, _ = build_rpn_targets(anchors, GT, NO_CROWD)
+    assert labels.tolist() == [0, 0]
+
+
+def test_rpn_crowd_is_neither_positive_nor_negative():
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 60.0, 60.0]])
+    crowd = torch.tensor([False, True])
+    anchors = torch.tensor([
+        [0.0, 0.0, 10.0, 10.0],      # the object: positive
+        [40.0, 40.0, 60.0, 60.0],    # IoU 1 with the crowd box: ignored, not positive
+        [55.0, 55.0, 65.0, 65.0],    # IoU 25/475 = 0.053 with the crowd (>= 0.001): ignored
+        [100.0, 100.0, 110.0, 110.0],  # far from everything: negative
+    ])
+    labels, _ = build_rpn_targets(anchors, gt, crowd)
+    assert labels.tolist() == [1, -1, -1, 0]
+
+
+def test_rpn_no_gt_samples_only_negatives():
+    anchors = torch.tensor([[float(i), 0.0, i + 5.0, 5.0] for i in range(10)])
+    labels, deltas = build_rpn_targets(anchors, torch.zeros(0, 4), torch.zeros(0, dtype=torch.bool),
+                                       num_samples=4)
+    assert (labels == 0).sum() == 4 and (labels == -1).sum() == 6
+    assert deltas.abs().max() == 0
+
+
+def test_rpn_subsampling_is_balanced_and_seeded():
+    # 10 anchors equal to the gt (positives), 20 far away (negatives)
+    anchors = torch.cat([GT.repeat(10, 1), torch.tensor([[50.0, 50.0, 60.0, 60.0]]).repeat(20, 1)])
+    runs = [build_rpn_targets(anchors, GT, NO_CROWD, num_samples=8, positive_ratio=0.5,
+                              generator=torch.Generator().manual_seed(3))[0] for _ in range(2)]
+    labels = runs[0]
+    assert (labels == 1).sum() == 4 and (labels == 0).sum() == 4 and (labels == -1).sum() == 22
+    assert (labels[:10] != 0).all() and (labels[10:] != 1).all()
+    assert torch.equal(runs[0], runs[1])
+    # fewer positives than the quota: negatives fill up to num_samples
+    labels, _ = build_rpn_targets(anchors[8:], GT, NO_CROWD, num_samples=8)
+    assert (labels == 1).sum() == 2 and (labels == 0).sum() == 6
+
+
+def _left_half_mask(size=32):
+    masks = torch.zeros(1, size, size, dtype=torch.bool)
+    masks[0, 0:10, 0:5] = True  # the object's visible part: the left half of its 10x10 box
+    return masks
+
+
+def test_detection_targets_hand_checked():
+    proposals = torch.tensor([
+        [0.0, 0.0, 10.0, 10.0],   # IoU 1 -> positive
+        [0.0, 0.0, 10.0, 4.0],    # IoU 0.4 -> negative
+        [0.0, 0.0, 10.0, 6.0],    # IoU 0.6 -> positive
+    ])
+    rois, labels, deltas, masks = build_detection_targets(
+        proposals, GT, torch.tensor([2]), _left_half_mask(), NO_CROWD, num_samples=8,
+        positive_ratio=0.5, std=STD, mask_shape=(28, 28))
+    # the gt box is added as a fourth candidate (a positive): 3 positives first, then 1 negative
+    assert labels.tolist() == [2, 2, 2, 0]
+    assert {tuple(r) for r in rois[:3].tolist()} == {(0, 0, 10, 10), (0, 0, 10, 6)}
+    assert rois[3].tolist() == [0, 0, 10, 4]
+    i = [tuple(r) for r in rois.tolist()].index((0, 0, 10, 6))
+    # roi (0,0,10,6): centre (5, 3), h 6; gt centre (5, 5), h 10
+    torch.testing.assert_close(deltas[i], torch.tensor([0.0, (2 / 6) / 0.1, 0.0, math.log(10 / 6) / 0.2]))
+    assert deltas[3].abs().max() == 0 and masks[3].abs().max() == 0
+    j = [tuple(r) for r in rois.tolist()].index((0, 0, 10, 10))
+    # the left 5 of 10 pixels are the object -> the left 14 of 28 mask columns.  Column 13 samples
+    # x = 4.23 and 4.41 (pixel 4 is in, 5 out): 0.77 and 0.59, mean 0.68 -> 1; column 14: 0.32 -> 0.
+    # The bottom row also straddles the box edge (y = 9.23, 9.41: mean 0.68), so the corner
+    # (27, 13) averages to 0.68 * 0.68 = 0.46 -> 0.
+    expected = torch.zeros(28, 28)
+    expected[:, :14] = 1
+    expected[27, 13] = 0
+    assert torch.equal(masks[j], expected)
+    assert masks.shape == (4, 28, 28) and set(masks.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_detection_targets_respect_the_positive_quota():
+    proposals = GT.repeat(10, 1)
+    neg = torch.tensor([[20.0, 20.0, 30.0, 30.0]]).repeat(10, 1)
+    _, labels, _, _ = build_detection_targets(
+        torch.cat([proposals, neg]), GT, torch.tensor([1]), _left_half_mask(), NO_CROWD,
+        num_samples=6, positive_ratio=0.33)
+    assert labels.tolist() == [1, 0, 0, 0, 0, 0]  # int(6 * 0.33) = 1 positive, 5 negatives
+
+
+def test_detection_targets_crowd():
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[0, :10, :10] = True
+    masks[1, 20:30, 20:30] = True
+    proposals = torch.tensor([
+        [20.0, 20.0, 30.0, 30.0],  # on the crowd: neither positive nor negative
+        [0.0, 20.0, 8.0, 30.0],    # IoU 0 with the object, 0 with the crowd: negative
+    ])
+    rois, labels, _, _ = build_detection_targets(
+        proposals, gt, torch.tensor([1, 3]), masks, torch.tensor([False, True]), num_samples=10,
+        positive_ratio=0.5)
+    # candidates: 2 proposals + the non-crowd gt box; the crowd gt is not added
+    assert labels.tolist() == [1, 0]
+    assert rois.tolist() == [[0, 0, 10, 10], [0, 20, 8, 30]]
+
+
+def test_detection_targets_without_gt_are_all_negative():
+    proposals = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0], [1.0, 2.0, 3.0, 4.0]])
+    rois, labels, deltas, masks = build_detection_targets(
+        proposals, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64),
+        torch.zeros(0, 32, 32, dtype=torch.bool), torch.zeros(0, dtype=torch.bool),
+        num_samples=2, positive_ratio=0.33)
+    assert labels.tolist() == [0, 0] and rois.shape == (2, 4)
+    assert deltas.abs().max() == 0 and masks.shape == (2, 28, 28)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_targets_on_cuda_match_cpu():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 8.0], [20.0, 20.0, 30.0, 30.0]])
+    cpu = build_rpn_targets(anchors, GT, NO_CROWD, std=STD)
+    gpu = build_rpn_targets(anchors.cuda(), GT.cuda(), NO_CROWD.cuda(), std=STD)
+    assert torch.equal(cpu[0], gpu[0].cpu())
+    torch.testing.assert_close(cpu[1], gpu[1].cpu())
+    out = build_detection_targets(anchors.cuda(), GT.cuda(), torch.tensor([2]).cuda(),
+                                  _left_half_mask().cuda(), NO_CROWD.cuda(), 8, 0.5)
+    assert all(t.is_cuda for t in out)
