@@ -1,0 +1,18 @@
+"""Datasets: Matterport's Dataset API, COCO / labelme / VIA readers, transforms, data checks.
+
+    from maskrcnn.data import open_dataset, TorchDataset, build_transforms, collate
+    ds = open_dataset(coco="train.json", images="train/")
+    loader = DataLoader(TorchDataset(ds, build_transforms(train=True)), collate_fn=collate)
+"""
+from .checks import DataReport, check_dataset
+from .coco import CocoDataset, read_coco
+from .dataset import Dataset, Problem, TorchDataset, collate
+from .formats import open_dataset
+from .images import read_image
+from .labelme import LabelmeDataset, read_labelme
+from .transforms import build_transforms
+from .via import ViaDataset, read_via
+
+__all__ = ["Dataset", "TorchDataset", "collate", "Problem", "open_dataset", "read_image",
+           "CocoDataset", "read_coco", "LabelmeDataset", "read_labelme", "ViaDataset", "read_via",
+           "build_transforms", "check_dataset", "DataReport"]

@@ -1,0 +1,134 @@
+"""COCO instance annotations (``instances_*.json``) as a :class:`~maskrcnn.data.dataset.Dataset`.
+
+Segmentations may be polygons, compressed RLE or uncompressed RLE (rasterised by pycocotools);
+an annotation without a segmentation uses its ``bbox`` as a rectangle.  ``iscrowd: 1`` regions
+load with a negative class id (Matterport's convention).  COCO category ids need not be
+contiguous: they are registered in increasing order as internal ids 1..K, and
+``dataset.category_ids[internal_id]`` gives the COCO id back for writing results.
+
+Problems that do not stop reading (duplicate ids, annotations of unknown images) are collected
+in ``dataset.problems`` for :func:`~maskrcnn.data.checks.check_dataset`; a file that is not
+JSON or lacks the COCO structure raises :class:`~maskrcnn.errors.DataError`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import DataError
+from .dataset import Dataset, Problem
+from .segmentation import rectangle_polygon
+
+SOURCE = "coco"
+_REQUIRED = {"images": ("id", "file_name"), "categories": ("id", "name"),
+             "annotations": ("id", "image_id", "category_id")}
+
+
+def read_json(path):
+    """Parse the JSON file at ``path``; DataError("<path>: <why>") if missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such annotation file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def validate_coco(data, path) -> None:
+    """Raise DataError unless ``data`` has COCO's structure: lists ``images`` and
+    ``categories`` (and optionally ``annotations``) of objects with their required keys."""
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not COCO instance annotations (expected a JSON object)")
+    for key, required in _REQUIRED.items():
+        if key not in data:
+            if key == "annotations":
+                continue
+            raise DataError(f"{path}: not COCO instance annotations (no {key!r} list)")
+        if not isinstance(data[key], list):
+            raise DataError(f"{path}: {key!r} must be a list")
+        for i, entry in enumerate(data[key]):
+            if not isinstance(entry, dict):
+                raise DataError(f"{path}: {key}[{i}] is not an object")
+            missing = [k for k in required if k not in entry]
+            if missing:
+                raise DataError(f"{path}: {key}[{i}] has no {missing[0]!r}")
+
+
+def annotation_segmentation(ann: dict):
+    """The annotation's segmentation in COCO form; its bbox as a rectangle when it has none."""
+    segmentation = ann.get("segmentation")
+    if segmentation:
+        return segmentation
+    if ann.get("bbox") and len(ann["bbox"]) == 4:
+        return [rectangle_polygon(*ann["bbox"])]
+    return []
+
+
+class CocoDataset(Dataset):
+    """A Dataset read from COCO instance annotations (``load_coco``)."""
+
+    def load_coco(self, annotation_file, image_dir) -> None:
+        """Register the categories, images and annotations of ``annotation_file``; image
+        ``file_name`` s are relative to ``image_dir``."""
+        annotation_file, image_dir = Path(annotation_file), Path(image_dir)
+        data = read_json(annotation_file)
+        validate_coco(data, annotation_file)
+        self._add_categories(data["categories"], annotation_file)
+        images = self._index_images(data["images"], image_dir)
+        self._add_annotations(data.get("annotations", []), images, annotation_file)
+        for entry, annotations in images.values():
+            extra = {k: entry[k] for k in ("height", "width") if k in entry}
+            self.add_image(SOURCE, image_id=entry["id"], path=image_dir / entry["file_name"],
+                           annotations=annotations, **extra)
+
+    def _add_categories(self, categories: list, annotation_file: Path) -> None:
+        seen = {}
+        for cat in categories:
+            if cat["id"] in seen:
+                self.problems.append(Problem(str(annotation_file), f"category {cat['id']}",
+                                             f"duplicate category id (names {seen[cat['id']]!r} "
+                                             f"and {cat['name']!r})"))
+                continue
+            seen[cat["id"]] = cat["name"]
+        for cat_id in sorted(seen):
+            self.add_class(SOURCE, cat_id, seen[cat_id])
+
+    def _index_images(self, images: list, image_dir: Path) -> dict:
+        """``{coco image id: (image entry, [annotations])}`` in file order, first of duplicates."""
+        index = {}
+        for entry in images:
+            if entry["id"] in index:
+                first = index[entry["id"]][0]["file_name"]
+                self.problems.append(Problem(str(image_dir / entry["file_name"]), f"image {entry['id']}",
+                                             f"duplicate image id (also {first})"))
+                continue
+            index[entry["id"]] = (entry, [])
+        return index
+
+    def _add_annotations(self, annotations: list, images: dict, annotation_file: Path) -> None:
+        seen_ids = set()
+        for ann in annotations:
+            where = f"annotation {ann['id']}"
+            if ann["id"] in seen_ids:
+                self.problems.append(Problem(str(annotation_file), where, "duplicate annotation id"))
+            seen_ids.add(ann["id"])
+            if ann["image_id"] not in images:
+                self.problems.append(Problem(str(annotation_file), where,
+                                             f"refers to unknown image id {ann['image_id']!r}"))
+                continue
+            images[ann["image_id"]][1].append({
+                "id": ann["id"], "category_id": ann["category_id"],
+                "segmentation": annotation_segmentation(ann),
+                "iscrowd": bool(ann.get("iscrowd", 0)), "where": where})
+
+
+def read_coco(annotation_file, image_dir) -> CocoDataset:
+    """A prepared :class:`CocoDataset` of ``annotation_file`` with images in ``image_dir``."""
+    dataset = CocoDataset()
+    dataset.load_coco(annotation_file, image_dir)
+    dataset.prepare()
+    return dataset

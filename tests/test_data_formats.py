@@ -1,0 +1,254 @@
+"""Dataset API, COCO / labelme / VIA readers, the torch view and the transforms."""
+import numpy as np
+import pytest
+import torch
+from data_samples import (GRAY_CAT, GRAY_CROWD, RGB_DOG, box_mask, coco_sample, labelme_sample, via_sample,
+                          write_json)
+from PIL import Image
+
+import maskrcnn
+from maskrcnn.data import (Dataset, TorchDataset, build_transforms, collate, open_dataset, read_coco,
+                           read_labelme, read_via)
+from maskrcnn.data.segmentation import segmentation_to_mask
+from maskrcnn.errors import DataError
+
+
+# ---- Matterport's API ---------------------------------------------------------------------------
+class ShapesLike(Dataset):
+    """A Matterport-style subclass, written as in Matterport's samples."""
+
+    def load_items(self, folder):
+        self.add_class("toy", 1, "square")
+        self.add_class("toy", 2, "disc")
+        self.add_class("toy", 1, "square")  # repeats are ignored
+        for i in range(2):
+            Image.fromarray(np.full((8, 10, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+            self.add_image("toy", image_id=f"img{i}", path=folder / f"{i}.png", shapes=[("square", i)])
+
+    def load_mask(self, image_id):
+        mask = np.zeros((8, 10, 2), bool)
+        mask[1:4, 2:6, 0] = True
+        mask[5:8, 6:9, 1] = True
+        return mask, np.array([1, -2], np.int32)
+
+
+def test_matterport_subclass_ports(tmp_path):
+    ds = ShapesLike()
+    ds.load_items(tmp_path)
+    ds.prepare()
+    assert ds.class_names == ["BG", "square", "disc"] and ds.num_classes == 3
+    assert list(ds.image_ids) == [0, 1]
+    assert ds.map_source_class_id("toy.2") == 2
+    assert ds.get_source_class_id(2, "toy") == 2
+    assert ds.source_class_ids == {"": [0], "toy": [0, 1, 2]}
+    assert ds.image_info[1]["shapes"] == [("square", 1)]
+    assert ds.image_reference(1).endswith("1.png")
+    assert ds.load_image(1).shape == (8, 10, 3)
+    assert maskrcnn.Dataset is Dataset
+
+    image, target = TorchDataset(ds)[1]
+    assert image.dtype == torch.uint8 and image.shape == (3, 8, 10) and int(image[0, 0, 0]) == 40
+    assert target["boxes"].tolist() == [[2, 1, 6, 4], [6, 5, 9, 8]]
+    assert target["boxes"].dtype == torch.float32
+    assert target["labels"].tolist() == [1, 2] and target["labels"].dtype == torch.int64
+    assert target["iscrowd"].tolist() == [False, True]
+    assert target["masks"].dtype == torch.bool and target["masks"].shape == (2, 8, 10)
+    assert target["image_id"] == 1
+
+
+def test_torch_dataset_needs_prepare(tmp_path):
+    with pytest.raises(ValueError, match="prepare"):
+        TorchDataset(Dataset())
+
+
+# ---- COCO ---------------------------------------------------------------------------------------
+@pytest.fixture
+def coco(tmp_path):
+    return coco_sample(tmp_path)
+
+
+def test_coco_categories_mapped_to_contiguous_ids(coco):
+    ds = read_coco(*coco)
+    assert ds.class_names == ["BG", "cat", "dog", "bird"]
+    assert ds.category_ids == [0, 7, 18, 42]
+    assert ds.map_source_class_id("coco.18") == 2
+    assert [info["id"] for info in ds.image_info] == [5, 9, 11]
+    assert ds.problems == []
+
+
+def test_coco_polygon_and_compressed_rle(coco):
+    ds = read_coco(*coco)
+    masks, class_ids = ds.load_mask(0)
+    assert masks.shape == (40, 60, 2) and class_ids.tolist() == [1, 2]
+    np.testing.assert_array_equal(masks[:, :, 0], box_mask(40, 60, 5, 25, 10, 30))
+    np.testing.assert_array_equal(masks[:, :, 1], RGB_DOG)
+
+
+def test_coco_uncompressed_rle_and_crowd(coco):
+    ds = read_coco(*coco)
+    masks, class_ids = ds.load_mask(1)
+    assert class_ids.tolist() == [1, -2]  # the crowd region carries a negative id
+    np.testing.assert_array_equal(masks[:, :, 0], GRAY_CAT)
+    np.testing.assert_array_equal(masks[:, :, 1], GRAY_CROWD)
+    image, target = TorchDataset(ds)[1]
+    assert image.shape == (3, 30, 30)
+    assert torch.equal(image[0], image[1])  # grayscale replicated
+    assert target["labels"].tolist() == [1, 2]
+    assert target["iscrowd"].tolist() == [False, True]
+    assert target["boxes"].tolist() == [[3, 2, 13, 11], [15, 15, 29, 26]]
+
+
+def test_coco_image_without_annotations(coco):
+    image, target = TorchDataset(read_coco(*coco))[2]
+    assert image.shape == (3, 20, 24)  # RGBA -> RGB
+    assert target["boxes"].shape == (0, 4) and target["boxes"].dtype == torch.float32
+    assert target["labels"].shape == (0,) and target["labels"].dtype == torch.int64
+    assert target["masks"].shape == (0, 20, 24) and target["iscrowd"].shape == (0,)
+
+
+def test_coco_bbox_only_annotation_is_a_rectangle(tmp_path):
+    Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
+    ann = write_json(tmp_path / "a.json", {
+        "images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1, "name": "x"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 5, 4]}]})
+    masks, _ = read_coco(ann, tmp_path).load_mask(0)
+    np.testing.assert_array_equal(masks[:, :, 0], box_mask(10, 20, 3, 7, 2, 7))
+
+
+@pytest.mark.parametrize("text, why", [
+    ("{not json", "malformed JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"images": []}', "no 'categories' list"),
+    ('{"images": [{"id": 1}], "categories": []}', r"images\[0\] has no 'file_name'"),
+])
+def test_coco_malformed_files(tmp_path, text, why):
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(DataError, match=rf"bad\.json: .*{why}"):
+        read_coco(tmp_path / "bad.json", tmp_path)
+
+
+# ---- labelme --------------------------------------------------------------------------------------
+def test_labelme_shapes(tmp_path):
+    ds = read_labelme(labelme_sample(tmp_path))
+    assert ds.class_names == ["BG", "car", "person"]
+    street = [i for i, info in enumerate(ds.image_info) if info["id"] == "street"][0]
+    masks, class_ids = ds.load_mask(street)
+    assert class_ids.tolist() == [2, 1, 1]
+    np.testing.assert_array_equal(masks[:, :, 0], box_mask(32, 48, 2, 20, 2, 12))
+    np.testing.assert_array_equal(masks[:, :, 1], box_mask(32, 48, 4, 10, 20, 30))  # rectangle, corners swapped
+    np.testing.assert_array_equal(masks[:, :, 2], box_mask(32, 48, 20, 30, 34, 40) | box_mask(32, 48, 20, 30, 42, 46))
+    empty = 1 - street
+    image, target = TorchDataset(ds)[empty]
+    assert image.shape == (3, 16, 16) and len(target["labels"]) == 0  # palette PNG, no shapes
+
+
+def test_labelme_non_region_shape_recorded(tmp_path):
+    folder = tmp_path / "lm"
+    Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
+    write_json(folder / "a.json", {"shapes": [{"label": "x", "points": [[1, 1], [5, 5]], "shape_type": "line"}],
+                                   "imagePath": "../a.png"})
+    ds = read_labelme(folder)
+    assert [str(p) for p in ds.problems] == [f"{folder / 'a.json'}: shape 0 ('x'): shape type 'line' is not a "
+                                             "region (use polygon, rectangle, circle); skipped"]
+    assert ds.load_mask(0)[0].shape == (10, 10, 0)
+
+
+# ---- VIA ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", [1, 2])
+def test_via_regions(tmp_path, version):
+    ds = read_via(*via_sample(tmp_path, version), class_attribute="kind")
+    assert ds.class_names == ["BG", "blue", "red"]
+    masks, class_ids = ds.load_mask(0)
+    assert class_ids.tolist() == [2, 1, 2, 1]
+    np.testing.assert_array_equal(masks[:, :, 0], box_mask(40, 40, 4, 14, 4, 14))
+    np.testing.assert_array_equal(masks[:, :, 1], box_mask(40, 40, 2, 8, 20, 30))
+    yy, xx = np.mgrid[:40, :40] + 0.5
+    circle = (xx - 10) ** 2 + (yy - 30) ** 2 <= 25
+    assert (masks[:, :, 2] != circle).sum() <= 8  # a 64-gon: only edge pixels may differ
+    assert masks[30, 22:38, 3].sum() == 12 and masks[30, 24:36, 3].all() and not masks[34, 30, 3]  # rx = 6 across, ry = 3 down
+    assert ds.load_mask(1)[0].shape == (24, 24, 0)
+
+
+def test_via_default_single_class(tmp_path):
+    ds = read_via(*via_sample(tmp_path, 1))
+    assert ds.class_names == ["BG", "object"]
+    assert ds.load_mask(0)[1].tolist() == [1, 1, 1, 1]
+
+
+def test_via2_project_file(tmp_path):
+    path, images = via_sample(tmp_path, 2)
+    import json
+    project = {"_via_settings": {}, "_via_img_metadata": json.loads(path.read_text()), "_via_attributes": {}}
+    write_json(tmp_path / "project.json", project)
+    assert len(read_via(tmp_path / "project.json", images).image_info) == 2
+
+
+# ---- open_dataset ---------------------------------------------------------------------------------
+def test_open_dataset_dispatches(tmp_path):
+    ann, images = coco_sample(tmp_path)
+    assert open_dataset(coco=ann, images=images).class_names[1] == "cat"
+    assert len(open_dataset(images=images).image_info) == 3
+    with pytest.raises(DataError, match="give one of"):
+        open_dataset(coco=ann, via=ann, images=images)
+    with pytest.raises(DataError, match="images folder is needed"):
+        open_dataset(coco=ann)
+
+
+# ---- transforms and collate ---------------------------------------------------------------------
+def _target(masks, labels, crowd):
+    from maskrcnn.data.dataset import instances_target
+    class_ids = np.where(crowd, -np.asarray(labels), labels)
+    return instances_target(np.stack(masks, axis=2), class_ids, 0)
+
+
+def test_flip_moves_image_boxes_and_masks_together():
+    image = torch.zeros(3, 10, 20, dtype=torch.uint8)
+    image[:, 2:5, 1:4] = 255
+    target = _target([box_mask(10, 20, 2, 5, 1, 4)], [3], [False])
+    flip = build_transforms(True, hflip_prob=1.0, scale_range=(1.0, 1.0), brightness=0, contrast=0,
+                            saturation=0, hue=0)
+    out_image, out = flip(image, target)
+    assert type(out_image) is torch.Tensor and type(out["boxes"]) is torch.Tensor
+    assert out["boxes"].tolist() == [[16, 2, 19, 5]]
+    assert torch.equal(out["masks"][0], torch.from_numpy(box_mask(10, 20, 2, 5, 16, 19)))
+    assert (out_image[0] == 255).nonzero().min(0).values.tolist() == [2, 16]
+    assert out["labels"].tolist() == [3] and out["masks"].dtype == torch.bool
+
+
+def test_scale_jitter_drops_instances_pushed_out():
+    # Zooming in by 2 about the centre of a 40x40 image keeps the middle 20x20 only.
+    target = _target([box_mask(40, 40, 0, 4, 0, 4), box_mask(40, 40, 18, 22, 18, 22)], [1, 2], [True, False])
+    zoom = build_transforms(True, hflip_prob=0.0, scale_range=(2.0, 2.0), brightness=0, contrast=0,
+                            saturation=0, hue=0)
+    _, out = zoom(torch.zeros(3, 40, 40, dtype=torch.uint8), target)
+    assert out["labels"].tolist() == [2] and out["iscrowd"].tolist() == [False]
+    assert out["boxes"].tolist() == [[16, 16, 24, 24]]
+    assert int(out["masks"].sum()) == 64
+
+
+def test_color_jitter_changes_pixels_only():
+    torch.manual_seed(0)
+    image = torch.full((3, 8, 8), 100, dtype=torch.uint8)
+    target = _target([box_mask(8, 8, 1, 3, 1, 3)], [1], [False])
+    jitter = build_transforms(True, hflip_prob=0.0, scale_range=(1.0, 1.0), brightness=0.5)
+    out_image, out = jitter(image, target)
+    assert out_image.dtype == torch.uint8 and not torch.equal(out_image, image)
+    assert torch.equal(out["masks"], target["masks"]) and torch.equal(out["boxes"], target["boxes"])
+    assert build_transforms(False) is None
+
+
+def test_torch_dataset_with_transforms_and_loader(tmp_path):
+    ds = read_coco(*coco_sample(tmp_path))
+    data = TorchDataset(ds, build_transforms(True))
+    loader = torch.utils.data.DataLoader(data, batch_size=3, collate_fn=collate)
+    images, targets = next(iter(loader))
+    assert [tuple(im.shape) for im in images] == [(3, 40, 60), (3, 30, 30), (3, 20, 24)]
+    assert [t["image_id"] for t in targets] == [0, 1, 2]
+    for t in targets:
+        assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"]) == len(t["iscrowd"])
+    assert collate([]) == ([], [])
+
+
+def test_segmentation_rings_pycocotools_would_misread():
+    # A 2-point ring would be read by pycocotools as a box; it contributes nothing instead.
+    assert not segmentation_to_mask([[1, 1, 5, 5]], 8, 8).any()
