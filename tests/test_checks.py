@@ -1,0 +1,156 @@
+"""check_dataset finds every planted problem and names its file and annotation."""
+import numpy as np
+import pytest
+from data_samples import (box_mask, compressed_rle, coco_sample, labelme_file, labelme_sample, labelme_shape,
+                          via_polygon, via_region, via_sample, write_json)
+from PIL import Image
+
+from maskrcnn.data import Dataset, check_dataset
+from maskrcnn.data.checks import check_loaded
+from maskrcnn.errors import DataError
+
+
+def _planted_coco(root):
+    """COCO annotations with one of each problem; returns (json path, images folder)."""
+    images = root / "images"
+    images.mkdir()
+    Image.new("RGB", (60, 40)).save(images / "ok.png")
+    Image.new("RGB", (60, 40)).save(images / "wrong_size.png")
+    (images / "corrupt.png").write_text("this is not a picture")
+    polygon = [[10, 5, 30, 5, 30, 25, 10, 25]]
+    ann = lambda i, image_id=1, cat=1, seg=polygon, **kw: dict(id=i, image_id=image_id, category_id=cat,
+                                                               segmentation=seg, iscrowd=0, **kw)
+    data = {
+        "images": [{"id": 1, "file_name": "ok.png", "height": 40, "width": 60},
+                   {"id": 2, "file_name": "missing.png", "height": 40, "width": 60},
+                   {"id": 3, "file_name": "corrupt.png", "height": 40, "width": 60},
+                   {"id": 4, "file_name": "wrong_size.png", "height": 50, "width": 50},
+                   {"id": 1, "file_name": "dup.png", "height": 40, "width": 60}],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 3, "name": "dog again"}],
+        "annotations": [
+            ann(201, seg=[[50, 5, 80, 5, 80, 25, 50, 25]]),               # outside (x up to 80 of 60)
+            ann(202, seg=[[1, 1, 5, 5]]),                                  # 2 points
+            ann(203, seg=[[1, 1, 5, 5, 9, 9]]),                            # collinear: zero area
+            ann(204, seg=compressed_rle(np.zeros((40, 60), bool))),       # empty mask
+            ann(205, cat=99),                                              # unknown category
+            ann(206), ann(206, cat=3),                                     # duplicate annotation id
+            ann(207, image_id=1234),                                       # unknown image
+            ann(208, seg=compressed_rle(np.ones((10, 10), bool))),        # RLE of the wrong size
+            ann(209, seg=[[100, 100, 120, 100, 120, 120]]),                # entirely outside
+            ann(210, image_id=2),                                          # on the missing image
+        ],
+    }
+    return write_json(root / "planted.json", data), images
+
+
+def test_every_planted_coco_problem_reported(tmp_path):
+    ann_path, images = _planted_coco(tmp_path)
+    report = check_dataset(coco=ann_path, images=images)
+    lines = [str(p) for p in report.problems]
+    ok = str(images / "ok.png")
+    expected = [
+        f"{ok}: annotation 201: polygon outside the image: x 50..80, y 5..25 in a 60x40 image",
+        f"{ok}: annotation 202: degenerate polygon: 2 points (needs at least 3)",
+        f"{ok}: annotation 203: degenerate polygon: zero area",
+        f"{ok}: annotation 204: empty mask (no pixel inside the image)",
+        f"{ok}: annotation 205: unknown category id 99",
+        f"{ann_path}: annotation 206: duplicate annotation id",
+        f"{ann_path}: annotation 207: refers to unknown image id 1234",
+        f"{ok}: annotation 208: RLE mask size 10x10 (width x height) does not match the image 60x40",
+        f"{ok}: annotation 209: polygon outside the image: x 100..120, y 100..120 in a 60x40 image",
+        f"{ok}: annotation 209: empty mask (no pixel inside the image)",
+        f"{images / 'dup.png'}: image 1: duplicate image id (also ok.png)",
+        f"{ann_path}: category 3: duplicate category id (names 'dog' and 'dog again')",
+        f"{images / 'missing.png'}: no such image file",
+        f"{images / 'corrupt.png'}: not an image file, or an image format PIL cannot read",
+        f"{images / 'wrong_size.png'}: annotations say the image is 50x50 (width x height) but it is 60x40",
+    ]
+    for line in expected:
+        assert line in lines, f"not reported: {line}\nreported:\n" + "\n".join(lines)
+    assert len(lines) == len(expected)
+    assert not report.ok
+    assert report.class_counts == {"cat": 8, "dog": 1}  # 205 (unknown category) is not counted
+    text = report.format()
+    assert f"{len(expected)} problems:" in text and "annotation 203" in text
+
+
+def test_clean_coco_has_no_problems(tmp_path):
+    report = check_dataset(coco=coco_sample(tmp_path)[0], images=tmp_path / "images")
+    assert report.ok and report.problems == []
+    assert report.num_images == 3 and report.num_annotations == 4 and report.crowd_count == 1
+    assert report.images_without_annotations == 1
+    assert report.class_counts == {"cat": 2, "dog": 2, "bird": 0}
+    assert "no problems found" in report.format()
+
+
+def test_labelme_planted_problems(tmp_path):
+    folder = labelme_sample(tmp_path)
+    write_json(folder / "bad.json", labelme_file("street.png", 32, 48, [
+        labelme_shape("person", [[1, 1], [4, 4]]),                          # 2-point polygon
+        labelme_shape("car", [[40, 20], [60, 40]], "rectangle"),            # beyond 48x32
+        labelme_shape("car", [[1, 1], [9, 9]], "line"),                     # not a region
+    ]))
+    write_json(folder / "gone.json", labelme_file("gone.png", 10, 10, [labelme_shape("car", [[1, 1], [5, 1], [5, 5]])]))
+    report = check_dataset(labelme=folder)
+    lines = [str(p) for p in report.problems]
+    bad = folder / "bad.json"
+    expected = [
+        f"{bad}: shape 2 ('car'): shape type 'line' is not a region (use polygon, rectangle, circle); skipped",
+        f"{folder / 'street.json'}: annotates street.png, which bad.json annotates too",
+        f"{bad}: shape 0 ('person'): degenerate polygon: 2 points (needs at least 3)",
+        f"{bad}: shape 1 ('car'): polygon outside the image: x 40..60, y 20..40 in a 48x32 image",
+        f"{(folder / 'gone.png').resolve()}: no such image file",
+    ]
+    assert sorted(lines) == sorted(expected), "\n".join(lines)
+    assert report.class_counts == {"car": 4, "person": 2}
+
+
+def test_via_planted_problems(tmp_path):
+    path, images = via_sample(tmp_path, 2)
+    import json
+    data = json.loads(path.read_text())
+    data["b2.jpg99"]["regions"] = [
+        via_region(via_polygon([10, 30, 30], [10, 10, 30]), kind="red"),   # beyond 24x24
+        via_region(via_polygon([1, 5, 5], [1, 1, 5])),                      # no 'kind'
+        via_region({"name": "point", "cx": 3, "cy": 3}, kind="red"),       # not a region
+    ]
+    data["again"] = {"filename": "b1.jpg", "regions": []}
+    data["lost"] = {"filename": "lost.jpg", "regions": []}
+    write_json(path, data)
+    report = check_dataset(via=path, images=images, class_attribute="kind")
+    b2 = images / "b2.jpg"
+    expected = [
+        f"{b2}: region 0: polygon outside the image: x 10..30, y 10..30 in a 24x24 image",
+        f"{b2}: region 1: no class in region attribute 'kind'; skipped",
+        f"{b2}: region 2: shape 'point' is not a region (use polygon, rect, circle, ellipse); skipped",
+        f"{images / 'b1.jpg'}: image listed twice in the VIA file",
+        f"{images / 'lost.jpg'}: no such image file",
+    ]
+    assert sorted(str(p) for p in report.problems) == sorted(expected)
+
+
+def test_matterport_subclass_checked_through_load_mask(tmp_path):
+    class Odd(Dataset):
+        def load_mask(self, image_id):
+            masks = np.zeros((5, 5, 2), bool)
+            masks[1:3, 1:3, 0] = True
+            return masks, np.array([1, 1], np.int32)
+
+    Image.new("RGB", (8, 6)).save(tmp_path / "a.png")
+    ds = Odd()
+    ds.add_class("odd", 1, "thing")
+    ds.add_image("odd", "a", tmp_path / "a.png")
+    ds.prepare()
+    lines = [str(p) for p in check_loaded(ds).problems]
+    assert lines == [f"{tmp_path / 'a.png'}: masks are 5x5 (width x height) but the image is 8x6",
+                     f"{tmp_path / 'a.png'}: instance 1: empty mask"]
+
+
+def test_unreadable_annotation_file_raises(tmp_path):
+    (tmp_path / "a.json").write_text('{"images": [')
+    with pytest.raises(DataError, match="malformed JSON"):
+        check_dataset(coco=tmp_path / "a.json", images=tmp_path)
+
+
+def test_box_mask_helper_is_exclusive():
+    assert box_mask(4, 4, 1, 3, 0, 2).sum() == 4

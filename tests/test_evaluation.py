@@ -1,0 +1,123 @@
+"""COCO evaluation (pycocotools) and Matterport-style VOC AP on known numbers."""
+import numpy as np
+import pytest
+import torch
+from data_samples import box_mask, coco_sample
+
+from maskrcnn import Detections
+from maskrcnn.data import TorchDataset, read_coco
+from maskrcnn.evaluation import CocoEvaluator, compute_ap, compute_matches, evaluate_detections
+from maskrcnn.evaluation.voc import compute_overlaps_masks
+
+
+def _as_detections(target, scores=None, keep_crowd=False) -> Detections:
+    keep = torch.ones_like(target["iscrowd"]) if keep_crowd else ~target["iscrowd"]
+    n = int(keep.sum())
+    scores = torch.linspace(0.9, 0.5, n) if scores is None else torch.as_tensor(scores, dtype=torch.float32)
+    return Detections(target["boxes"][keep], target["labels"][keep], scores, target["masks"][keep])
+
+
+def _shift_first(det: Detections, dx: int) -> Detections:
+    """``det`` with its first instance moved ``dx`` pixels right."""
+    boxes, masks = det.boxes.clone(), det.masks.clone()
+    boxes[0] += torch.tensor([dx, 0, dx, 0.0])
+    masks[0] = torch.roll(masks[0], dx, dims=1)
+    return Detections(boxes, det.labels, det.scores, masks)
+
+
+@pytest.fixture
+def coco_dataset(tmp_path):
+    return read_coco(*coco_sample(tmp_path))
+
+
+def test_ground_truth_as_predictions_scores_one(coco_dataset):
+    targets = [t for _, t in TorchDataset(coco_dataset)]
+    metrics = evaluate_detections(coco_dataset, [_as_detections(t) for t in targets])
+    for iou_type in ("bbox", "segm"):
+        assert metrics[iou_type]["AP"] == pytest.approx(1.0)
+        assert metrics[iou_type]["AP50"] == pytest.approx(1.0)
+        assert metrics[iou_type]["AP75"] == pytest.approx(1.0)
+        assert metrics[iou_type]["APs"] == pytest.approx(1.0)  # all instances are < 32x32 pixels
+        assert metrics[iou_type]["APm"] is None and metrics[iou_type]["APl"] is None
+    assert metrics["voc_mAP50"] == pytest.approx(1.0)
+    assert metrics["per_class"]["cat"] == {"instances": 2, "bbox": pytest.approx(1.0), "segm": pytest.approx(1.0)}
+    assert metrics["per_class"]["bird"] == {"instances": 0, "bbox": None, "segm": None}
+    assert metrics["num_images"] == 3 and metrics["num_detections"] == 3
+    assert metrics["pr_curve"]["segm"][:101] == pytest.approx([1.0] * 101)
+
+
+def test_detection_on_a_crowd_region_is_ignored(coco_dataset):
+    targets = [t for _, t in TorchDataset(coco_dataset)]
+    metrics = evaluate_detections(coco_dataset, [_as_detections(t, keep_crowd=True) for t in targets])
+    assert metrics["segm"]["AP"] == pytest.approx(1.0) and metrics["bbox"]["AP"] == pytest.approx(1.0)
+
+
+def test_perturbed_predictions_score_lower(coco_dataset):
+    targets = [t for _, t in TorchDataset(coco_dataset)]
+    exact = [_as_detections(t) for t in targets]
+    # The 20x20 cat polygon moved 6 pixels right: IoU 14/26 = 0.54 passes 0.5 but not 0.75.
+    shifted = [_shift_first(exact[0], 6)] + exact[1:]
+    metrics = evaluate_detections(coco_dataset, shifted)
+    for iou_type in ("bbox", "segm"):
+        assert metrics[iou_type]["AP50"] == pytest.approx(1.0)
+        assert metrics[iou_type]["AP75"] < 1.0
+        assert metrics[iou_type]["AP"] < 1.0
+    none = evaluate_detections(coco_dataset, [Detections.empty(*t["masks"].shape[1:]) for t in targets])
+    assert none["bbox"]["AP"] == 0.0 and none["segm"]["AP"] == 0.0 and none["voc_mAP50"] == 0.0
+
+
+def test_targets_list_and_default_class_names():
+    masks = torch.from_numpy(np.stack([box_mask(50, 50, 0, 10, 0, 10), box_mask(50, 50, 20, 40, 20, 40)]))
+    target = {"boxes": torch.tensor([[0, 0, 10, 10], [20, 20, 40, 40.0]]), "labels": torch.tensor([1, 2]),
+              "masks": masks, "iscrowd": torch.tensor([False, False])}
+    # A confident false positive (class 2 on the first object) ranks above the true class-2 hit.
+    fp = Detections(torch.tensor([[0, 0, 10, 10.0], [20, 20, 40, 40], [0, 0, 10, 10]]), torch.tensor([1, 2, 2]),
+                    torch.tensor([0.9, 0.5, 0.95]), torch.cat([masks, masks[:1]]))
+    metrics = evaluate_detections([target], [fp])
+    assert list(metrics["per_class"]) == ["class 1", "class 2"]
+    assert metrics["per_class"]["class 1"]["segm"] == pytest.approx(1.0)
+    assert metrics["per_class"]["class 2"]["segm"] == pytest.approx(0.5, abs=0.01)  # precision 1/2 at recall 1
+    with pytest.raises(ValueError, match="2 predictions for 1"):
+        evaluate_detections([target], [fp, fp])
+
+
+def test_evaluator_checks_sizes():
+    evaluator = CocoEvaluator(["BG", "a"])
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+              "masks": torch.zeros(0, 8, 8, dtype=torch.bool), "iscrowd": torch.zeros(0, dtype=torch.bool)}
+    det = Detections(torch.tensor([[0, 0, 2, 2.0]]), torch.tensor([1]), torch.tensor([0.5]),
+                     torch.ones(1, 9, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="detections are"):
+        evaluator.add(target, det)
+
+
+# ---- Matterport's VOC AP -------------------------------------------------------------------------
+def test_mask_overlaps_known_values():
+    a = np.stack([box_mask(10, 10, 0, 4, 0, 4)])                               # 16 pixels
+    b = np.stack([box_mask(10, 10, 0, 4, 2, 6), box_mask(10, 10, 6, 8, 6, 8)])  # overlap 8, union 24
+    np.testing.assert_allclose(compute_overlaps_masks(a, b), [[8 / 24, 0.0]])
+    assert compute_overlaps_masks(a[:0], b).shape == (0, 2)
+
+
+def test_compute_ap_hand_computed():
+    gt = np.stack([box_mask(20, 20, 0, 5, 0, 5), box_mask(20, 20, 10, 15, 10, 15)])
+    miss = box_mask(20, 20, 0, 3, 15, 18)
+    pred = np.stack([gt[0], miss, gt[1]])
+    # In score order: hit, miss, hit -> precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1.
+    # Interpolated: AP = 0.5 * 1 + 0.5 * 2/3.
+    ap, precisions, recalls, overlaps = compute_ap(np.array([1, 1]), gt, np.array([1, 1, 1]),
+                                                   np.array([0.9, 0.8, 0.7]), pred)
+    assert ap == pytest.approx(0.5 + 0.5 * 2 / 3)
+    np.testing.assert_allclose(recalls, [0, 0.5, 0.5, 1.0, 1.0])
+    np.testing.assert_allclose(precisions, [1, 1, 2 / 3, 2 / 3, 0])
+    assert overlaps.shape == (3, 2)
+
+
+def test_compute_matches_respects_class_and_order():
+    gt = np.stack([box_mask(10, 10, 0, 5, 0, 5)])
+    pred = np.stack([gt[0], gt[0]])
+    # The higher-scored prediction (index 1, wrong class) comes first and does not match.
+    gt_match, pred_match, _ = compute_matches(np.array([2]), gt, np.array([2, 3]), np.array([0.1, 0.9]), pred)
+    assert gt_match.tolist() == [1] and pred_match.tolist() == [-1, 0]
+    ap, *_ = compute_ap(np.zeros(0, int), gt[:0], np.zeros(0, int), np.zeros(0), pred[:0])
+    assert np.isnan(ap)
