@@ -1,0 +1,202 @@
+"""Training checkpoints that survive a kill at any moment, and loading pretrained weights.
+
+A checkpoint ``ckpt-<step>.pt`` in the run folder holds the model, optimizer and scheduler
+state dicts, the RNG states (python, numpy, torch, cuda) and the step.  It is written to a
+hidden temporary file in the same folder, fsynced, then renamed over its final name, so a run
+killed mid-save leaves at worst a stray ``.ckpt-*.tmp`` that is never mistaken for a checkpoint.
+Everything in it is a tensor or a plain Python value, so it loads with
+``torch.load(weights_only=True)`` (no pickled code runs when a checkpoint is read).
+
+For testing kills during a save, the environment variable ``MASKRCNN_SLEEP_IN_SAVE`` (seconds)
+pauses a save between writing the temporary file and renaming it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import WeightsError
+from ..utils import atomic_write_with
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+SLEEP_IN_SAVE_ENV = "MASKRCNN_SLEEP_IN_SAVE"
+
+
+def checkpoint_path(folder, step: int) -> Path:
+    return Path(folder) / f"ckpt-{step:08d}.pt"
+
+
+def list_checkpoints(folder) -> list[tuple[int, Path]]:
+    """[(step, path)] of the finished checkpoints in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+# ---- RNG states as tensors and plain values -----------------------------------------------
+def rng_state() -> dict:
+    """The python, numpy, torch (and cuda) generator states, in weights_only-loadable types."""
+    py_version, py_keys, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": (py_version, torch.tensor(py_keys, dtype=torch.int64), py_gauss),
+        "numpy": (np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos),
+                  int(np_has_gauss), float(np_gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
+    py_version, py_keys, py_gauss = state["python"]
+    random.setstate((py_version, tuple(int(k) for k in py_keys.tolist()), py_gauss))
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- save / load -----------------------------------------------------------------------
+def save_checkpoint(folder, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    extra: dict | None = None, keep: int = 3) -> Path:
+    """Write ``ckpt-<step>.pt`` atomically, then delete all but the newest ``keep`` checkpoints.
+
+    ``extra``: more plain values to store (e.g. the config as a dict).  Returns the path."""
+    state = {
+        "step": int(step),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_state(),
+        "extra": extra or {},
+    }
+    path = checkpoint_path(folder, step)
+
+    def write(tmp):
+        torch.save(state, tmp)
+        pause = float(os.environ.get(SLEEP_IN_SAVE_ENV, "0") or 0)
+        if pause > 0:
+            time.sleep(pause)
+
+    atomic_write_with(path, write)
+    if keep > 0:
+        for _, old in list_checkpoints(folder)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def read_checkpoint(path) -> dict:
+    """Load one checkpoint file (weights_only, to the CPU).  Raises WeightsError if unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, disk error: all mean "not usable"
+        raise WeightsError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise WeightsError(f"{path}: not a training checkpoint (no model/step)")
+    return state
+
+
+def latest_checkpoint(folder) -> tuple[Path, dict] | None:
+    """The newest checkpoint in ``folder`` that loads, as (path, state); corrupt or partial files
+    are skipped with a warning.  None if there is none."""
+    for _, path in reversed(list_checkpoints(folder)):
+        try:
+            return path, read_checkpoint(path)
+        except WeightsError as e:
+            log.warning("skipping %s", e)
+    return None
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Delete the ``.ckpt-*.tmp`` files left by saves that were killed; returns them."""
+    folder = Path(folder)
+    stale = list(folder.glob(".ckpt-*.tmp")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def restore(state: dict, model: torch.nn.Module, optimizer=None, scheduler=None) -> int:
+    """Put a checkpoint's states back into the model, optimizer, scheduler and RNGs.
+    Returns the step it was saved at."""
+    model.load_state_dict(state["model"])
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+# ---- fine-tuning -----------------------------------------------------------------------------
+def _read_state_dict(source) -> dict:
+    """A state dict from a dict, a training checkpoint, a .safetensors/.pt file or a saved model
+    folder (``MaskRCNN.save``)."""
+    if isinstance(source, dict):
+        return source.get("model", source) if "step" in source else source
+    path = Path(source)
+    if path.is_dir():
+        from ..model.maskrcnn import MaskRCNN
+        return MaskRCNN.load(path).state_dict()
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file or folder")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and "model" in state and "step" in state:
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a state dict")
+    return state
+
+
+def load_pretrained(model: torch.nn.Module, source) -> dict:
+    """Copy the tensors of ``source`` whose names and shapes match into ``model``.
+
+    source: a state dict, a checkpoint, a weights file or a saved model folder.
+    Tensors whose shape differs (the class-specific layers when the class count changes, as
+    Matterport's ``exclude=`` did by name) keep the model's fresh initialisation; one log line
+    names them.  Returns dict(loaded=[...], reinitialised=[...], missing=[...], unexpected=[...]).
+    Raises WeightsError when nothing matches (the wrong file).
+    """
+    source_state = _read_state_dict(source)
+    own = model.state_dict()
+    loaded, reinit, unexpected = [], [], []
+    update = {}
+    for name, value in source_state.items():
+        if name not in own:
+            unexpected.append(name)
+        elif tuple(value.shape) != tuple(own[name].shape):
+            reinit.append(f"{name} {list(value.shape)}->{list(own[name].shape)}")
+        else:
+            update[name] = value
+            loaded.append(name)
+    if not loaded:
+        raise WeightsError("pretrained weights share no tensor (name and shape) with this model")
+    model.load_state_dict(update, strict=False)
+    missing = [n for n in own if n not in source_state]
+    if reinit:
+        log.warning("load_pretrained: re-initialised %d tensor(s) whose shape differs from the "
+                    "pretrained weights (class-specific layers): %s", len(reinit), ", ".join(reinit))
+    log.info("load_pretrained: loaded %d tensors, %d missing, %d unexpected",
+             len(loaded), len(missing), len(unexpected))
+    return {"loaded": loaded, "reinitialised": reinit, "missing": missing, "unexpected": unexpected}
