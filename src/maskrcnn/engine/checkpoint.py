@@ -148,25 +148,10 @@ def _read_state_dict(source) -> dict:
     """A state dict from a dict, a training checkpoint, a .safetensors/.pt file or a saved model
     folder (``MaskRCNN.save``)."""
     if isinstance(source, dict):
-        return source.get("model", source) if "step" in source else source
+        return source["model"] if "model" in source and "step" in source else source
+    from ..weights.io import WEIGHTS_FILE, read_weights
     path = Path(source)
-    if path.is_dir():
-        from ..model.maskrcnn import MaskRCNN
-        return MaskRCNN.load(path).state_dict()
-    if not path.exists():
-        raise WeightsError(f"{path}: no such file or folder")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
-    if isinstance(state, dict) and "model" in state and "step" in state:
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: expected a state dict")
-    return state
+    return read_weights(path / WEIGHTS_FILE if path.is_dir() else path)
 
 
 def load_pretrained(model: torch.nn.Module, source) -> dict:
