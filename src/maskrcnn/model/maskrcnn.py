@@ -21,7 +21,7 @@ from .. import boxes as box_ops
 from ..config import Config
 from ..errors import WeightsError
 from ..structures import Detections
-from .anchors import pyramid_anchors
+from .anchors import pyramid_anchors, torchvision_strides
 from .backbone import FPN, ResNet
 from .detection import detect_boxes, paste_masks_matterport, paste_masks_torchvision
 from .heads import BoxHead, MaskHead
@@ -76,7 +76,9 @@ class MaskRCNN(nn.Module):
         if key not in self._anchor_cache:
             cfg = self.config
             shapes = [(-(-image_shape[0] // s), -(-image_shape[1] // s)) for s in cfg.backbone_strides]
-            px = pyramid_anchors(cfg.rpn_anchor_scales, cfg.rpn_anchor_ratios, cfg.backbone_strides,
+            strides = (torchvision_strides(image_shape, shapes) if cfg.anchor_style == "torchvision"
+                       else cfg.backbone_strides)
+            px = pyramid_anchors(cfg.rpn_anchor_scales, cfg.rpn_anchor_ratios, strides,
                                  shapes, cfg.rpn_anchor_stride, cfg.anchor_style)
             if cfg.box_frame == "normalized":
                 px = box_ops.normalize_boxes(px, *image_shape)
