@@ -139,3 +139,16 @@ def test_resume_after_sigkill_mid_save_and_mid_step(tmp_path):
     for step in ref:
         assert abs(ref[step] - got[step]) <= 1e-6 * max(1.0, abs(ref[step])), (step, ref[step], got[step])
     assert not list(ckpts.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_autocast_training(tmp_path):
+    from maskrcnn.engine.distributed import DistInfo
+    torch.manual_seed(0)
+    trainer = Trainer(TinyMaskRCNN(), ShapesDataset(24, 64, 64, seed=1), tmp_path, Config(**CONFIG),
+                      info=DistInfo(device=torch.device("cuda")), progress=False, log_every=1)
+    assert trainer.amp_dtype in (torch.bfloat16, torch.float16)
+    trainer.fit(30)
+    losses = _losses(tmp_path)
+    assert all(v == v for v in losses.values())
+    assert sum(losses[s] for s in range(26, 31)) < sum(losses[s] for s in range(1, 6))
