@@ -75,6 +75,40 @@ def coco_sample(root: Path) -> tuple[Path, Path]:
     return write_json(root / "annotations.json", data), images
 
 
+# ---- COCO with one of each problem ----------------------------------------------------------
+def planted_coco_sample(root: Path) -> tuple[Path, Path]:
+    """COCO annotations with one of each problem; returns (json path, images folder)."""
+    images = root / "images"
+    images.mkdir()
+    Image.new("RGB", (60, 40)).save(images / "ok.png")
+    Image.new("RGB", (60, 40)).save(images / "wrong_size.png")
+    (images / "corrupt.png").write_text("this is not a picture")
+    polygon = [[10, 5, 30, 5, 30, 25, 10, 25]]
+    ann = lambda i, image_id=1, cat=1, seg=polygon, **kw: dict(id=i, image_id=image_id, category_id=cat,
+                                                               segmentation=seg, iscrowd=0, **kw)
+    data = {
+        "images": [{"id": 1, "file_name": "ok.png", "height": 40, "width": 60},
+                   {"id": 2, "file_name": "missing.png", "height": 40, "width": 60},
+                   {"id": 3, "file_name": "corrupt.png", "height": 40, "width": 60},
+                   {"id": 4, "file_name": "wrong_size.png", "height": 50, "width": 50},
+                   {"id": 1, "file_name": "dup.png", "height": 40, "width": 60}],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 3, "name": "dog again"}],
+        "annotations": [
+            ann(201, seg=[[50, 5, 80, 5, 80, 25, 50, 25]]),               # outside (x up to 80 of 60)
+            ann(202, seg=[[1, 1, 5, 5]]),                                  # 2 points
+            ann(203, seg=[[1, 1, 5, 5, 9, 9]]),                            # collinear: zero area
+            ann(204, seg=compressed_rle(np.zeros((40, 60), bool))),       # empty mask
+            ann(205, cat=99),                                              # unknown category
+            ann(206), ann(206, cat=3),                                     # duplicate annotation id
+            ann(207, image_id=1234),                                       # unknown image
+            ann(208, seg=compressed_rle(np.ones((10, 10), bool))),        # RLE of the wrong size
+            ann(209, seg=[[100, 100, 120, 100, 120, 120]]),                # entirely outside
+            ann(210, image_id=2),                                          # on the missing image
+        ],
+    }
+    return write_json(root / "planted.json", data), images
+
+
 # ---- labelme ----------------------------------------------------------------------------------
 def labelme_file(image_name: str, height: int, width: int, shapes: list) -> dict:
     return {"version": "5.2.1", "flags": {}, "shapes": shapes, "imagePath": image_name, "imageData": None,

@@ -1,8 +1,8 @@
 """check_dataset finds every planted problem and names its file and annotation."""
 import numpy as np
 import pytest
-from data_samples import (box_mask, compressed_rle, coco_sample, labelme_file, labelme_sample, labelme_shape,
-                          via_polygon, via_region, via_sample, write_json)
+from data_samples import (box_mask, coco_sample, labelme_file, labelme_sample, labelme_shape,
+                          planted_coco_sample, via_polygon, via_region, via_sample, write_json)
 from PIL import Image
 
 from maskrcnn.data import Dataset, check_dataset
@@ -10,41 +10,8 @@ from maskrcnn.data.checks import check_loaded
 from maskrcnn.errors import DataError
 
 
-def _planted_coco(root):
-    """COCO annotations with one of each problem; returns (json path, images folder)."""
-    images = root / "images"
-    images.mkdir()
-    Image.new("RGB", (60, 40)).save(images / "ok.png")
-    Image.new("RGB", (60, 40)).save(images / "wrong_size.png")
-    (images / "corrupt.png").write_text("this is not a picture")
-    polygon = [[10, 5, 30, 5, 30, 25, 10, 25]]
-    ann = lambda i, image_id=1, cat=1, seg=polygon, **kw: dict(id=i, image_id=image_id, category_id=cat,
-                                                               segmentation=seg, iscrowd=0, **kw)
-    data = {
-        "images": [{"id": 1, "file_name": "ok.png", "height": 40, "width": 60},
-                   {"id": 2, "file_name": "missing.png", "height": 40, "width": 60},
-                   {"id": 3, "file_name": "corrupt.png", "height": 40, "width": 60},
-                   {"id": 4, "file_name": "wrong_size.png", "height": 50, "width": 50},
-                   {"id": 1, "file_name": "dup.png", "height": 40, "width": 60}],
-        "categories": [{"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 3, "name": "dog again"}],
-        "annotations": [
-            ann(201, seg=[[50, 5, 80, 5, 80, 25, 50, 25]]),               # outside (x up to 80 of 60)
-            ann(202, seg=[[1, 1, 5, 5]]),                                  # 2 points
-            ann(203, seg=[[1, 1, 5, 5, 9, 9]]),                            # collinear: zero area
-            ann(204, seg=compressed_rle(np.zeros((40, 60), bool))),       # empty mask
-            ann(205, cat=99),                                              # unknown category
-            ann(206), ann(206, cat=3),                                     # duplicate annotation id
-            ann(207, image_id=1234),                                       # unknown image
-            ann(208, seg=compressed_rle(np.ones((10, 10), bool))),        # RLE of the wrong size
-            ann(209, seg=[[100, 100, 120, 100, 120, 120]]),                # entirely outside
-            ann(210, image_id=2),                                          # on the missing image
-        ],
-    }
-    return write_json(root / "planted.json", data), images
-
-
 def test_every_planted_coco_problem_reported(tmp_path):
-    ann_path, images = _planted_coco(tmp_path)
+    ann_path, images = planted_coco_sample(tmp_path)
     report = check_dataset(coco=ann_path, images=images)
     lines = [str(p) for p in report.problems]
     ok = str(images / "ok.png")

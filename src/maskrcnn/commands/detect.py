@@ -1,0 +1,166 @@
+"""``maskrcnn detect``: overlays and one COCO results JSON for images, folders and videos.
+
+Inputs are read one batch at a time and nothing is kept after a batch is written, so memory
+stays flat over a folder of thousands of images or a long video.  Each overlay is written
+atomically as it is made; the results JSON is streamed into a temporary file that replaces
+``results.json`` only when every input has been processed, so a failed run never leaves a
+truncated JSON (nor clobbers the previous one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import DataError
+from .common import add_model_arguments, batches, load_model, model_class_names, progress
+
+EPILOG = """examples:
+  maskrcnn detect --weights run1/model photo.jpg
+  maskrcnn detect --weights run1/model --out results/ photos/ more/*.png
+  maskrcnn detect --weights run1/model --set detection_min_confidence=0.5 --splash street.mp4
+  maskrcnn detect --weights run1/model --no-overlays --batch-size 4 archive/
+
+Writes OUT/<name>.png per image (OUT/<name>_<frame>.png per video frame) and
+OUT/results.json: COCO result records (image_id = input order, category_id = the model's
+class id, bbox [x, y, w, h], RLE segmentation, score) with the file_name (and frame) of each.
+Videos need torchcodec or PyAV installed; animated GIFs are read frame by frame with PIL."""
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class Frame:
+    """One picture to run on: from an image file (``frame`` None) or a video's frame."""
+
+    file: Path
+    frame: int | None
+    image: np.ndarray
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "detect", help="detect instances in images, folders and videos; write overlays and COCO results",
+        description="Run a trained model on images, folders of images and videos.\n"
+                    "Writes one overlay PNG per image (masks, boxes, class names and scores)\n"
+                    "and one COCO results JSON for everything.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR_OR_VIDEO")
+    parser.add_argument("--out", default="detections", metavar="DIR", help="output folder (default: detections)")
+    add_model_arguments(parser)
+    style = parser.add_mutually_exclusive_group()
+    style.add_argument("--splash", action="store_true",
+                       help="write the colour-splash effect (grayscale outside the masks) instead of overlays")
+    style.add_argument("--no-overlays", action="store_true", help="write only results.json")
+    return parser
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files to process, in order: files as given, folders' images and videos sorted by name.
+    DataError for a path that does not exist, an empty folder, or a video without a decoder."""
+    from ..data.images import IMAGE_EXTENSIONS
+    from ..data.video import VIDEO_EXTENSIONS, is_video, require_video_backend
+
+    files = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+            if not found:
+                raise DataError(f"{path}: no images or videos in this folder")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    for path in files:
+        if is_video(path):
+            require_video_backend(path)
+    return files
+
+
+def iter_frames(files: list[Path]) -> Iterator[Frame]:
+    """Frames of every input, read lazily: one per still image, each frame of a video or an
+    animated image (numbered from 0)."""
+    from ..data.images import read_image
+    from ..data.video import frame_count, image_frames, is_video, video_frames
+
+    for path in files:
+        if is_video(path):
+            frames = video_frames(path)
+        elif frame_count(path) > 1:
+            frames = image_frames(path)
+        else:
+            yield Frame(path, None, read_image(path))
+            continue
+        for index, image in enumerate(frames):
+            yield Frame(path, index, image)
+
+
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """A distinct output stem per input file: its stem, with ``_2``, ``_3``... on clashes."""
+    names, used = {}, set()
+    for path in files:
+        stem, k = path.stem, 1
+        while stem in used:
+            k += 1
+            stem = f"{path.stem}_{k}"
+        used.add(stem)
+        names[path] = stem
+    return names
+
+
+def run(args) -> int:
+    from ..data.video import is_video
+    from ..utils import atomic_write_with
+
+    # "--set k=v photo.jpg": argparse hands photo.jpg to --set; a KEY=VALUE always has "=".
+    args.inputs = args.inputs + [o for o in args.overrides if "=" not in o]
+    args.overrides = [o for o in args.overrides if "=" in o]
+    if not args.inputs:
+        raise DataError("detect: give at least one image, folder or video")
+    files = expand_inputs(args.inputs)
+    model = load_model(args)
+    class_names = model_class_names(model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = output_names(files)
+    total = None if any(is_video(p) for p in files) else len(files)
+    summary = {"images": 0, "detections": 0}
+
+    def write_results(tmp_path):
+        with open(tmp_path, "w", encoding="utf-8") as f:
+            f.write("[")
+            first = True
+            for batch in batches(progress(iter_frames(files), total, "detect"), max(1, args.batch_size)):
+                for frame, det in zip(batch, model.detect([fr.image for fr in batch])):
+                    image_id = summary["images"]
+                    summary["images"] += 1
+                    summary["detections"] += len(det)
+                    _write_picture(frame, det, out, names, class_names, args)
+                    for record in det.to_coco(image_id):
+                        record["file_name"] = str(frame.file)
+                        if frame.frame is not None:
+                            record["frame"] = frame.frame
+                        f.write(("\n" if first else ",\n") + json.dumps(record))
+                        first = False
+            f.write("\n]\n")
+
+    atomic_write_with(out / RESULTS_FILE, write_results)
+    print(f"{summary['detections']} instances in {summary['images']} images; results in {out / RESULTS_FILE}")
+    return 0
+
+
+def _write_picture(frame: Frame, det, out: Path, names: dict, class_names: list[str], args) -> None:
+    from ..visualize import color_splash, draw_detections, save_png
+
+    if args.no_overlays:
+        return
+    stem = names[frame.file] if frame.frame is None else f"{names[frame.file]}_{frame.frame:06d}"
+    picture = color_splash(frame.image, det.masks) if args.splash else draw_detections(frame.image, det, class_names)
+    save_png(picture, out / f"{stem}.png")
