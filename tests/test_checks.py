@@ -5,7 +5,7 @@ from data_samples import (box_mask, coco_sample, labelme_file, labelme_sample, l
                           planted_coco_sample, via_polygon, via_region, via_sample, write_json)
 from PIL import Image
 
-from maskrcnn.data import Dataset, check_dataset
+from maskrcnn.data import Dataset, TorchDataset, check_dataset, read_coco
 from maskrcnn.data.checks import check_loaded
 from maskrcnn.errors import DataError
 
@@ -37,8 +37,19 @@ def test_every_planted_coco_problem_reported(tmp_path):
     assert len(lines) == len(expected)
     assert not report.ok
     assert report.class_counts == {"cat": 8, "dog": 1}  # 205 (unknown category) is not counted
+    assert report.bad_image_ids == [1, 2]  # missing.png, corrupt.png
     text = report.format()
     assert f"{len(expected)} problems:" in text and "annotation 203" in text
+
+
+def test_load_mask_skips_what_the_checks_report(tmp_path):
+    ds = read_coco(*planted_coco_sample(tmp_path))
+    masks, class_ids = ds.load_mask(0)
+    # ok.png has 201..209 minus 205 (unknown category) and 208 (RLE of another size); 202, 203,
+    # 204 and 209 rasterise to nothing, so the torch view drops them too.
+    assert masks.shape == (40, 60, 7) and class_ids.tolist() == [1, 1, 1, 1, 1, 2, 1]  # 206 twice: cat, dog
+    _, target = TorchDataset(ds)[0]
+    assert target["boxes"].tolist() == [[50, 5, 60, 25], [10, 5, 30, 25], [10, 5, 30, 25]]
 
 
 def test_clean_coco_has_no_problems(tmp_path):

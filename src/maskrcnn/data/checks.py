@@ -21,7 +21,7 @@ from ..errors import DataError
 from .dataset import Dataset, Problem
 from .formats import open_dataset
 from .images import read_image
-from .segmentation import is_rle, polygon_area, segmentation_to_mask
+from .segmentation import form_problem, is_rle, polygon_area, segmentation_to_mask
 
 
 @dataclass
@@ -31,6 +31,8 @@ class DataReport:
     class_counts: instances per class name (every class listed, crowd regions included).
     crowd_count: how many of those instances are crowd regions.
     problems: every problem found, in the order found.
+    bad_image_ids: internal ids of the images that cannot be read (missing, corrupt): a
+        trainer leaves these out; unusable annotations are skipped by ``load_mask`` itself.
     """
 
     num_images: int = 0
@@ -39,6 +41,7 @@ class DataReport:
     crowd_count: int = 0
     class_counts: dict = field(default_factory=dict)
     problems: list = field(default_factory=list)
+    bad_image_ids: list = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -74,7 +77,9 @@ def check_loaded(dataset: Dataset) -> DataReport:
     report = DataReport(num_images=len(dataset.image_info), problems=list(dataset.problems))
     counts: Counter = Counter()
     for image_id, info in enumerate(dataset.image_info):
-        shape = _check_image(dataset, image_id, report.problems)
+        shape, readable = _check_image(dataset, image_id, report.problems)
+        if not readable:
+            report.bad_image_ids.append(image_id)
         if "annotations" in info:
             class_ids = _check_annotations(dataset, image_id, shape, report.problems)
         else:
@@ -87,20 +92,20 @@ def check_loaded(dataset: Dataset) -> DataReport:
     return report
 
 
-def _check_image(dataset: Dataset, image_id: int, problems: list) -> tuple[int, int] | None:
-    """(height, width) of the decoded image, or the annotated size if it cannot be read (then a
-    problem is recorded); None if neither is known."""
+def _check_image(dataset: Dataset, image_id: int, problems: list) -> tuple[tuple[int, int] | None, bool]:
+    """((height, width), True) of the decoded image, or (the annotated size or None, False) if
+    it cannot be read (then a problem is recorded)."""
     info = dataset.image_info[image_id]
     stated = (int(info["height"]), int(info["width"])) if "height" in info and "width" in info else None
     try:
         actual = read_image(info["path"]).shape[:2]
     except DataError as e:
         problems.append(Problem(info["path"], "", str(e).removeprefix(f"{info['path']}: ")))
-        return stated
+        return stated, False
     if stated is not None and stated != actual:
         problems.append(Problem(info["path"], "", f"annotations say the image is {stated[1]}x{stated[0]} "
                                 f"(width x height) but it is {actual[1]}x{actual[0]}"))
-    return actual
+    return actual, True
 
 
 def _check_annotations(dataset: Dataset, image_id: int, shape, problems: list) -> list[int]:
@@ -124,15 +129,10 @@ def _check_annotations(dataset: Dataset, image_id: int, shape, problems: list) -
 
 def segmentation_problems(segmentation, height: int, width: int) -> list[str]:
     """What is wrong with one COCO segmentation in a ``height`` x ``width`` image (empty list
-    if nothing): malformed, degenerate rings, vertices outside, wrong RLE size, no pixels."""
-    if is_rle(segmentation):
-        size = list(segmentation["size"])
-        if size != [height, width]:
-            return [f"RLE mask size {size[1]}x{size[0]} (width x height) does not match the image "
-                    f"{width}x{height}"]
-    elif not (isinstance(segmentation, list) and segmentation
-              and all(isinstance(r, list) and all(isinstance(v, (int, float)) for v in r) for r in segmentation)):
-        return ["segmentation is neither a list of polygons nor an RLE"]
+    if nothing): malformed, wrong RLE size, degenerate rings, vertices outside, no pixels."""
+    problem = form_problem(segmentation, height, width)
+    if problem:
+        return [problem]
     found = [] if is_rle(segmentation) else polygon_problems(segmentation, height, width)
     try:
         empty = not segmentation_to_mask(segmentation, height, width).any()

@@ -35,7 +35,7 @@ import torch
 from ..boxes import masks_to_boxes
 from ..errors import DataError
 from .images import image_size, read_image
-from .segmentation import segmentation_to_mask
+from .segmentation import form_problem, segmentation_to_mask
 
 
 @dataclass(frozen=True)
@@ -148,25 +148,21 @@ class Dataset:
         crowd regions).  This base version rasterises ``image_info[image_id]["annotations"]``,
         a list of dicts with ``category_id`` (the source's class id), ``segmentation`` (COCO
         form, see :mod:`maskrcnn.data.segmentation`), ``iscrowd`` and ``where`` (names the
-        annotation in messages).  Raises DataError for an annotation whose class is unknown or
-        whose RLE does not fit the image.
+        annotation in messages).  Annotations that cannot be used, an unknown category or a
+        segmentation of the wrong form or size, are skipped: :func:`~maskrcnn.data.checks.
+        check_dataset` reports each of them.
         """
         info = self.image_info[image_id]
-        annotations = info.get("annotations", [])
         height, width = self.image_shape(image_id)
-        masks = np.zeros((height, width, len(annotations)), dtype=bool)
-        class_ids = np.zeros(len(annotations), dtype=np.int32)
-        for i, ann in enumerate(annotations):
-            key = f"{info['source']}.{ann['category_id']}"
-            if key not in self.class_from_source_map:
-                raise DataError(f"{info['path']}: {ann['where']}: unknown category id {ann['category_id']!r}")
-            try:
-                masks[:, :, i] = segmentation_to_mask(ann["segmentation"], height, width)
-            except ValueError as e:
-                raise DataError(f"{info['path']}: {ann['where']}: {e}") from None
-            class_id = self.class_from_source_map[key]
-            class_ids[i] = -class_id if ann.get("iscrowd") else class_id
-        return masks, class_ids
+        masks, class_ids = [], []
+        for ann in info.get("annotations", []):
+            class_id = self.class_from_source_map.get(f"{info['source']}.{ann['category_id']}")
+            if class_id is None or form_problem(ann["segmentation"], height, width):
+                continue
+            masks.append(segmentation_to_mask(ann["segmentation"], height, width))
+            class_ids.append(-class_id if ann.get("iscrowd") else class_id)
+        stacked = np.stack(masks, axis=2) if masks else np.zeros((height, width, 0), dtype=bool)
+        return stacked, np.asarray(class_ids, dtype=np.int32)
 
 
 def instances_target(masks: np.ndarray, class_ids: np.ndarray, image_id: int) -> dict:

@@ -27,6 +27,21 @@ def is_rle(segmentation) -> bool:
     return isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation
 
 
+def form_problem(segmentation, height: int, width: int) -> str | None:
+    """Why ``segmentation`` cannot be rasterised in a ``height`` x ``width`` image (neither
+    polygons nor RLE, or an RLE of another size), or None if it can."""
+    if is_rle(segmentation):
+        size = list(segmentation["size"])
+        if size != [height, width]:
+            return (f"RLE mask size {size[1]}x{size[0]} (width x height) does not match the image "
+                    f"{width}x{height}")
+        return None
+    if (isinstance(segmentation, list) and segmentation
+            and all(isinstance(r, list) and all(isinstance(v, (int, float)) for v in r) for r in segmentation)):
+        return None
+    return "segmentation is neither a list of polygons nor an RLE"
+
+
 def valid_rings(polygons) -> list[list[float]]:
     """The rings of a polygon segmentation that pycocotools can rasterise: an even number of
     coordinates, at least 3 vertices.  (pycocotools reads a 4-number ring as a box.)"""
@@ -46,13 +61,13 @@ def segmentation_to_mask(segmentation, height: int, width: int) -> np.ndarray:
     """Rasterise a COCO segmentation (polygons, RLE or uncompressed RLE) into ``[H, W]`` bool.
 
     Polygon rings that cannot be rasterised (fewer than 3 vertices) contribute nothing; parts of
-    polygons outside the image are clipped.  An RLE must have ``size == [height, width]``
-    (ValueError otherwise).
+    polygons outside the image are clipped.  ValueError with :func:`form_problem`'s reason for
+    a segmentation of another form or size.
     """
+    problem = form_problem(segmentation, height, width)
+    if problem:
+        raise ValueError(problem)
     if is_rle(segmentation):
-        if list(segmentation["size"]) != [height, width]:
-            raise ValueError(f"RLE size {list(segmentation['size'])} does not match the image "
-                             f"size {[height, width]}")
         rle = segmentation
         if isinstance(rle["counts"], list):
             rle = mask_utils.frPyObjects(rle, height, width)
