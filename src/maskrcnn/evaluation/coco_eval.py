@@ -119,7 +119,8 @@ class CocoEvaluator:
 
     def _ground_truth(self) -> COCO:
         coco = COCO()
-        coco.dataset = {"images": self.images, "annotations": self.gt_annotations,
+        # "info" and "licenses" are unused, but pycocotools 2.0.10's loadRes copies them.
+        coco.dataset = {"info": {}, "licenses": [], "images": self.images, "annotations": self.gt_annotations,
                         "categories": [{"id": i, "name": n} for i, n in enumerate(self.class_names) if i > 0]}
         _quiet(coco.createIndex)
         return coco
