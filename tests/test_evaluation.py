@@ -81,6 +81,10 @@ def test_targets_list_and_default_class_names():
         evaluate_detections([target], [fp, fp])
 
 
+def test_repeated_class_names_kept_apart():
+    assert CocoEvaluator(["BG", "car", "car", "bus"]).class_names == ["BG", "car (1)", "car (2)", "bus"]
+
+
 def test_evaluator_checks_sizes():
     evaluator = CocoEvaluator(["BG", "a"])
     target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),

@@ -75,7 +75,7 @@ class CocoEvaluator:
     """
 
     def __init__(self, class_names: list[str]):
-        self.class_names = list(class_names)
+        self.class_names = unique_names(class_names)
         self.images: list[dict] = []
         self.gt_annotations: list[dict] = []
         self.results: dict[str, list[dict]] = {t: [] for t in IOU_TYPES}
@@ -156,6 +156,15 @@ class CocoEvaluator:
         metrics["voc_mAP50"] = float(np.mean(self.voc_aps)) if self.voc_aps else None
         metrics["pr_curve"] = pr_curve
         return metrics
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """``names`` with repeats told apart by their class id ("car (3)"), so that per-class
+    results keyed by name keep every class."""
+    counts = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return [f"{name} ({i})" if counts[name] > 1 else str(name) for i, name in enumerate(names)]
 
 
 def _mean_defined(values: np.ndarray):
