@@ -276,6 +276,8 @@ class Config:
             text = path.read_text()
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (a config is YAML or JSON)") from None
         try:
             d = json.loads(text) if path.suffix == ".json" else _yaml().safe_load(text)
         except Exception as e:
