@@ -9,7 +9,9 @@ Two numerics, one code path (``style``):
   max pool pads 1 on every side.
 
 Module names follow torchvision's ResNet (``conv1``, ``bn1``, ``layer1.0.conv1`` ...) so weights
-map by name.  All tensors are NCHW.
+map by name.  Tensors are [N, C, H, W]; the ResNet runs them in channels-last memory order
+(``channels_last``), which oneDNN convolves fastest on a CPU, and each conv is folded with the
+BatchNorm after it when that norm does not learn (:mod:`.fuse`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .fuse import conv_norm
 
 BLOCKS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
           "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3))}
@@ -36,6 +40,7 @@ class BasicBlock(nn.Module):
     def __init__(self, cin, width, stride, style, train_bn):
         super().__init__()
         bias, eps = style == "caffe", 1e-3 if style == "caffe" else 1e-5
+        self.fold_bn = style != "caffe"
         cout = width
         self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=bias)
         self.bn1 = norm_layer(width, eps, train_bn)
@@ -47,10 +52,10 @@ class BasicBlock(nn.Module):
                                             norm_layer(cout, eps, train_bn))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        out = conv_norm(self.conv1, self.bn1, x, True, self.fold_bn)
+        out = conv_norm(self.conv2, self.bn2, out, False, self.fold_bn)
+        shortcut = x if self.downsample is None else conv_norm(*self.downsample, x, False, self.fold_bn)
+        return F.relu_(out.add_(shortcut))
 
 
 class Bottleneck(nn.Module):
@@ -62,6 +67,7 @@ class Bottleneck(nn.Module):
         super().__init__()
         caffe = style == "caffe"
         bias, eps = caffe, 1e-3 if caffe else 1e-5
+        self.fold_bn = not caffe
         cout = width * self.expansion
         s1, s3 = (stride, 1) if caffe else (1, stride)
         self.conv1 = nn.Conv2d(cin, width, 1, s1, bias=bias)
@@ -76,15 +82,22 @@ class Bottleneck(nn.Module):
                                             norm_layer(cout, eps, train_bn))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        out = conv_norm(self.conv1, self.bn1, x, True, self.fold_bn)
+        out = conv_norm(self.conv2, self.bn2, out, True, self.fold_bn)
+        out = conv_norm(self.conv3, self.bn3, out, False, self.fold_bn)
+        shortcut = x if self.downsample is None else conv_norm(*self.downsample, x, False, self.fold_bn)
+        return F.relu_(out.add_(shortcut))
 
 
 class ResNet(nn.Module):
-    """ResNet-18/34/50/101 body.  [N, 3, H, W] -> [C2, C3, C4, C5] at strides 4, 8, 16, 32."""
+    """ResNet-18/34/50/101 body.  [N, 3, H, W] -> [C2, C3, C4, C5] at strides 4, 8, 16, 32.
+
+    channels_last: run (and return) the features in channels-last memory order; the values are
+    the same, only the layout differs.
+    """
+
+    #: Class default; set on an instance to compare layouts (benchmarks/bench_vs_torchvision.py).
+    channels_last = True
 
     def __init__(self, architecture: str = "resnet101", style: str = "caffe", train_bn: bool = False):
         super().__init__()
@@ -92,6 +105,7 @@ class ResNet(nn.Module):
         block = Bottleneck if kind == "bottleneck" else BasicBlock
         self.style = style
         caffe = style == "caffe"
+        self.fold_bn = not caffe  # see .fuse for why the Matterport style keeps conv then BN
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=caffe)
         self.bn1 = norm_layer(64, 1e-3 if caffe else 1e-5, train_bn)
         cin = 64
@@ -117,7 +131,11 @@ class ResNet(nn.Module):
         return F.max_pool2d(x, 3, 2, 1)
 
     def forward(self, x):
-        x = self.stem_pool(F.relu(self.bn1(self.conv1(x))))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.stem_pool(conv_norm(self.conv1, self.bn1, x, True, self.fold_bn))
+        if self.channels_last:  # the caffe stem's F.pad returns NCHW
+            x = x.contiguous(memory_format=torch.channels_last)
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)

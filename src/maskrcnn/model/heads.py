@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import norm_layer
+from .fuse import conv_norm
 
 
 class BoxHead(nn.Module):
@@ -25,6 +26,7 @@ class BoxHead(nn.Module):
         super().__init__()
         self.kind = kind
         self.num_classes = num_classes
+        self.fold_bn = False  # Matterport's numerics; see .fuse.set_bn_folding
         if kind == "conv":
             self.conv1 = nn.Conv2d(in_channels, fc_size, pool_size)
             self.bn1 = norm_layer(fc_size, bn_eps, train_bn)
@@ -38,11 +40,11 @@ class BoxHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "conv":
-            x = F.relu(self.bn1(self.conv1(x)))
-            x = F.relu(self.bn2(self.conv2(x))).flatten(1)
+            x = conv_norm(self.conv1, self.bn1, x, True, self.fold_bn)
+            x = conv_norm(self.conv2, self.bn2, x, True, self.fold_bn).flatten(1)
         else:
-            x = F.relu(self.fc6(x.flatten(1)))
-            x = F.relu(self.fc7(x))
+            x = F.relu_(self.fc6(x.flatten(1)))
+            x = F.relu_(self.fc7(x))
         return self.class_logits(x), self.bbox(x).reshape(-1, self.num_classes, 4)
 
 
@@ -56,6 +58,7 @@ class MaskHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, channels: int = 256, use_bn: bool = True,
                  train_bn: bool = False, bn_eps: float = 1e-3, num_convs: int = 4):
         super().__init__()
+        self.fold_bn = False  # Matterport's numerics; see .fuse.set_bn_folding
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
         c = in_channels
@@ -68,5 +71,5 @@ class MaskHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv, norm in zip(self.convs, self.norms):
-            x = F.relu(norm(conv(x)))
-        return self.logits(F.relu(self.deconv(x)))
+            x = conv_norm(conv, norm, x, True, self.fold_bn)
+        return self.logits(F.relu_(self.deconv(x)))

@@ -35,7 +35,7 @@ class RPNHead(nn.Module):
         logits, deltas = [], []
         for x in features:
             n = x.shape[0]
-            shared = F.relu(self.conv(x))
+            shared = F.relu_(self.conv(x))
             logits.append(self.objectness(shared).permute(0, 2, 3, 1).reshape(n, -1, self.num_logits))
             deltas.append(self.deltas(shared).permute(0, 2, 3, 1).reshape(n, -1, 4))
         logits = torch.cat(logits, dim=1)

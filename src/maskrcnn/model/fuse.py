@@ -1,0 +1,104 @@
+"""Convolution followed by a BatchNorm that does not learn, run as one convolution.
+
+A BatchNorm on stored statistics (``FrozenBatchNorm2d``, or ``BatchNorm2d`` in eval mode) is an
+affine map per channel, ``y = x * s + t`` with ``s = gamma / sqrt(var + eps)`` and
+``t = beta - mean * s``, so ``norm(conv(x))`` is the convolution with weight ``W * s`` (per
+output channel) and bias ``b * s + t``.  Running the folded convolution skips one full read and
+write of every activation (two with the ReLU done in place), which is most of the time a
+ResNet spends outside its convolutions on a CPU.
+
+The module parameters are never changed: the folded weight and bias are computed from them.
+Without autograd (``detect`` runs under ``inference_mode``) they are cached on the conv and
+recomputed only when one of the source tensors changes (its storage or its version counter:
+an optimiser step, ``load_state_dict``, ``.to(device)``); with autograd they are recomputed on
+every call, so gradients flow to the conv weight exactly as through the unfolded pair.
+
+Folding is a choice per module (its ``fold_bn`` attribute; :func:`set_bn_folding` sets it over a
+model).  The torchvision-style ResNet folds by default.  The Matterport style does not: the
+Keras graph it reproduces runs conv then BN op by op, and the parity fixture's tolerances sit at
+float32 noise, which a folded network moves (an RPN probability by 1.1e-4 where 1e-4 is allowed,
+one mask pixel in 1.6 million); ``set_bn_folding(model, True)`` turns it on there too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+
+def is_foldable(norm: nn.Module) -> bool:
+    """Whether ``norm`` is a fixed per-channel affine map right now."""
+    if isinstance(norm, FrozenBatchNorm2d):
+        return True
+    return isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.track_running_stats \
+        and norm.running_var is not None
+
+
+def fold(conv: nn.Conv2d, norm: nn.Module, channels_last: bool = False, exact: bool = True):
+    """The folded (weight, bias) of ``norm(conv(x))``.
+
+    conv: a Conv2d (weight [Cout, Cin/g, kh, kw]); norm: FrozenBatchNorm2d / eval BatchNorm2d
+    over Cout channels.  Returns (weight [Cout, Cin/g, kh, kw], bias [Cout]) in the conv's dtype;
+    the weight is in channels-last memory order when ``channels_last`` (what oneDNN runs fastest
+    on a CPU).  ``exact``: fold in float64 and round once, so each folded weight is the exact
+    product rounded; in float32 the rounding of the scale and of the product add up and move
+    near-tied detections of the Matterport fixture (MPS has no float64 and folds in float32).
+    """
+    dtype = conv.weight.dtype
+    acc = torch.float64 if exact and conv.weight.device.type != "mps" else dtype
+    scale = norm.weight.to(acc) * (norm.running_var.to(acc) + norm.eps).rsqrt()
+    shift = norm.bias.to(acc) - norm.running_mean.to(acc) * scale
+    weight = (conv.weight.to(acc) * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))).to(dtype)
+    bias = (shift if conv.bias is None else conv.bias.to(acc) * scale + shift).to(dtype)
+    if channels_last and weight.dim() == 4:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    return weight, bias
+
+
+def _source_key(conv: nn.Module, norm: nn.Module, channels_last: bool) -> tuple:
+    tensors = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors) + (channels_last,)
+
+
+def folded_params(conv: nn.Conv2d, norm: nn.Module, channels_last: bool = False):
+    """:func:`fold`, cached on ``conv`` when autograd is off (see the module docstring); with
+    autograd the fold runs in the conv's dtype on every call (its cost is per step)."""
+    if torch.is_grad_enabled():
+        return fold(conv, norm, channels_last, exact=False)
+    key = _source_key(conv, norm, channels_last)
+    cached = conv.__dict__.get("_folded_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, fold(conv, norm, channels_last))
+        conv.__dict__["_folded_cache"] = cached
+    return cached[1]
+
+
+def set_bn_folding(model: nn.Module, enabled: bool = True) -> int:
+    """Fold (or stop folding) BatchNorm into the convs of every module of ``model`` that can.
+    Returns how many modules were set."""
+    count = 0
+    for m in model.modules():
+        if hasattr(m, "fold_bn"):
+            m.fold_bn = enabled
+            count += 1
+    return count
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor, relu: bool = False,
+              fold: bool = True) -> torch.Tensor:
+    """``relu(norm(conv(x)))`` (ReLU when ``relu``), as one convolution when ``fold`` and the
+    norm is foldable.
+
+    x: [N, Cin, H, W] (any memory format; channels-last input gives channels-last output).
+    Returns [N, Cout, H', W'].
+    """
+    if isinstance(norm, nn.Identity):
+        out = conv(x)
+    elif fold and is_foldable(norm):
+        weight, bias = folded_params(conv, norm, x.is_contiguous(memory_format=torch.channels_last)
+                                     and x.dim() == 4 and x.shape[1] > 1)
+        out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    else:
+        out = norm(conv(x))
+    return F.relu_(out) if relu else out
