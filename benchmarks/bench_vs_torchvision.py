@@ -455,22 +455,36 @@ def training_step_fns(device, size: int = 512):
 
 
 def peak_memory_child(which: str, device: str, iters: int) -> None:
-    """Child process: run ``iters`` steps of one model; print the peak memory it added (MiB)."""
-    import resource
+    """Child process: run ``iters`` steps of one model; print the peak memory the steps added
+    over what the process held before them (MiB): CUDA's peak allocation, or on a CPU the
+    resident set sampled every millisecond (the kernel's high-water mark would include the
+    building of both models)."""
+    import gc
+    import threading
     fns = training_step_fns(device)
     fn = fns[which]
     del fns
+    gc.collect()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_mib()
+    base_rss, peak_rss, done = _rss_mib(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak_rss[0] = max(peak_rss[0], _rss_mib())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for _ in range(iters):
         fn()
+    done.set()
+    sampler.join()
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        peak = peak_rss[0] - base_rss
     print(json.dumps({"peak_mib": peak}))
 
 

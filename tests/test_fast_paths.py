@@ -1,0 +1,127 @@
+"""The speed paths give the reference path's answers: BN folded into convs, channels-last
+features, threaded ROI align and the NCHW cache."""
+import gc
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import maskrcnn
+from maskrcnn import Config
+from maskrcnn.model import roi_align as RA
+from maskrcnn.model.fuse import conv_norm, fold, set_bn_folding
+from test_torchvision_parity import MAX_SIZE, MIN_SIZE, assert_same_detections, images, random_torchvision
+
+
+def random_norm(norm: nn.Module, channels: int, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(channels, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(channels, generator=g))
+        norm.running_mean.copy_(torch.randn(channels, generator=g))
+        norm.running_var.copy_(torch.rand(channels, generator=g) + 0.1)
+    return norm
+
+
+@pytest.mark.parametrize("norm_kind", ["frozen", "eval_bn"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_conv_equals_conv_then_norm(norm_kind, bias, channels_last):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, 2, 1, bias=bias)
+    norm = FrozenBatchNorm2d(16, eps=1e-3) if norm_kind == "frozen" else nn.BatchNorm2d(16, eps=1e-3).eval()
+    random_norm(norm, 16, 1)
+    x = torch.randn(2, 8, 17, 23)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = torch.relu(norm(conv(x)))
+    with torch.inference_mode():
+        fast = conv_norm(conv, norm, x, relu=True)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    assert fast.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_training_bn_is_not_folded_and_folded_gradients_match():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6).train()
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(conv_norm(conv, bn, x), bn(conv(x)))  # batch statistics, unfolded
+    frozen = random_norm(FrozenBatchNorm2d(6), 6, 2)
+    conv_norm(conv, frozen, x, relu=True).square().sum().backward()
+    folded_grad = conv.weight.grad.clone()
+    conv.weight.grad = None
+    torch.relu(frozen(conv(x))).square().sum().backward()
+    torch.testing.assert_close(folded_grad, conv.weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_fold_cache_follows_weight_updates():
+    conv, norm = nn.Conv2d(3, 4, 1), random_norm(FrozenBatchNorm2d(4), 4, 3)
+    x = torch.randn(1, 3, 5, 5)
+    with torch.inference_mode():
+        first = conv_norm(conv, norm, x)
+    with torch.no_grad():
+        conv.weight.mul_(2)  # an optimiser step: same storage, new version
+        norm.running_mean.add_(1)
+    with torch.inference_mode():
+        second = conv_norm(conv, norm, x)
+    torch.testing.assert_close(second, norm(conv(x)), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(first, second)
+    w, b = fold(conv, norm, exact=False)
+    torch.testing.assert_close(w, fold(conv, norm)[0])
+
+
+@pytest.mark.parametrize("rois_count", [1, 7, 300])
+def test_threaded_roi_align_is_identical(rois_count):
+    g = torch.Generator().manual_seed(rois_count)
+    feature = torch.randn(2, 16, 40, 52, generator=g)
+    xy = torch.rand(rois_count, 2, generator=g) * 180
+    rois = torch.cat([torch.randint(0, 2, (rois_count, 1), generator=g).float(), xy,
+                      xy + torch.rand(rois_count, 2, generator=g) * 60], dim=1)
+    ref = roi_align(feature, rois, 7, 0.25, 2, aligned=False)
+    with torch.inference_mode():
+        fast = RA.parallel_roi_align(feature.contiguous(memory_format=torch.channels_last), rois, 7, 0.25, 2)
+        fast_nchw = RA.parallel_roi_align(RA.nchw(feature.contiguous(memory_format=torch.channels_last)),
+                                          rois, 7, 0.25, 2)
+    assert torch.equal(fast_nchw, ref)
+    torch.testing.assert_close(fast, ref)
+
+
+def test_nchw_copy_is_cached_while_the_source_lives():
+    with torch.inference_mode():
+        x = torch.randn(1, 8, 6, 7).contiguous(memory_format=torch.channels_last)
+        y = RA.nchw(x)
+        assert y.is_contiguous() and torch.equal(x, y) and RA.nchw(x) is y
+        key = id(x)
+        del x
+        gc.collect()
+        assert key not in RA._NCHW
+
+
+def test_fast_path_detections_equal_reference_path():
+    """Channels-last + folded BN + threaded ROI align vs NCHW, conv then BN, one thread."""
+    tv = random_torchvision(91)
+    cfg = Config.preset("torchvision", num_classes=91, image_min_dim=MIN_SIZE, image_max_dim=MAX_SIZE)
+    fast = maskrcnn.MaskRCNN.from_torchvision(tv.state_dict(), cfg)
+    ref = maskrcnn.MaskRCNN.from_torchvision(tv.state_dict(), cfg)
+    assert set_bn_folding(ref, False) > 0
+    ref.backbone.channels_last = False
+    imgs = images()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = ref.detect(imgs)
+    finally:
+        torch.set_num_threads(threads)
+    for e, d in zip(expected, fast.detect(imgs)):
+        assert len(d) == len(e) > 0
+        torch.testing.assert_close(d.boxes, e.boxes, atol=1e-3, rtol=0)
+        torch.testing.assert_close(d.scores, e.scores, atol=1e-5, rtol=0)
+        assert torch.equal(d.labels, e.labels)
+        assert (d.masks != e.masks).sum() <= 1e-4 * e.masks.numel()
+    # and the fast path still matches torchvision itself
+    with torch.no_grad():
+        tv_out = tv([im.float() / 255 for im in imgs])
+    for r, d in zip(tv_out, fast.detect(imgs)):
+        assert_same_detections(r, d)
