@@ -38,6 +38,9 @@ from .schedule import build_scheduler
 log = logging.getLogger(__name__)
 
 LAYER_REGIMES = ("heads", "3+", "4+", "5+", "all")
+#: A time-limited run re-estimates how many steps fit in its budget after 10 steps, then
+#: every RATE_CHECK_EVERY steps.
+RATE_CHECK_EVERY = 100
 
 
 def to_device(targets: list[dict], device: torch.device) -> list[dict]:
@@ -252,8 +255,9 @@ class Trainer:
     def fit(self, steps: int, resume: bool = False, max_seconds: float | None = None) -> dict:
         """Train until optimizer step ``steps`` (counting steps done before a resume).
 
-        max_seconds: stop earlier when the time is up; after 10 steps the cosine schedule's
-        length is set to the number of steps that fit, so the rate still decays to ~0.
+        max_seconds: stop earlier when the time is up; after 10 steps (and every
+        ``RATE_CHECK_EVERY``) the schedule's length is set to the number of steps that fit, so a
+        cosine rate still decays to about 0 by the end.
         Returns dict(step, seconds, it_per_s, losses of the last logged window, val metrics).
         """
         if resume:
@@ -268,15 +272,22 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=steps, initial=self.step, desc="train", dynamic_ncols=True, smoothing=0.1)
         window, window_start, last, val = [], time.perf_counter(), {}, {}
+        checked = (0, 0.0)  # (steps, seconds) at the last rate check
         batches = self.batches(self.step)
         while self.step < min(steps, self.lr_factor.total_steps):
             values = self.train_step(*next(batches))
             window.append(values)
             elapsed = time.perf_counter() - started
             done = self.step - start_step
-            if max_seconds is not None and done == 10:
-                fit_steps = int(done * max_seconds / elapsed)
-                self.lr_factor.total_steps = max(self.step, min(steps, start_step + fit_steps))
+            if max_seconds is not None and (done == 10 or done % RATE_CHECK_EVERY == 0):
+                # the first steps are slow and a shared machine's speed drifts: re-estimate from
+                # the rate since the previous check
+                rate = (done - checked[0]) / max(elapsed - checked[1], 1e-9)
+                fit_steps = int(rate * max(max_seconds - elapsed, 0.0))
+                self.lr_factor.total_steps = max(self.step + 1, min(steps, self.step + fit_steps))
+                checked = (done, elapsed)
+                if bar is not None:
+                    bar.total = self.lr_factor.total_steps
             last_step = (self.step >= min(steps, self.lr_factor.total_steps)
                          or (max_seconds is not None and elapsed >= max_seconds))
             if bar is not None:
