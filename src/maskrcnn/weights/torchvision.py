@@ -9,15 +9,11 @@ names); only the FPN, RPN and head prefixes differ.  Both the current names
 from __future__ import annotations
 
 import re
-from pathlib import Path
-
 import torch
 
 from ..config import Config
 from ..errors import WeightsError
-
-#: torchvision's COCO weights for maskrcnn_resnet50_fpn (box AP 37.9, mask AP 34.6).
-COCO_URL = "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
+from .io import read_weights
 
 _RULES = [
     (r"backbone\.body\.(.*)", r"backbone.\1"),
@@ -60,26 +56,16 @@ def convert_state_dict(state: dict) -> dict[str, torch.Tensor]:
 
 
 def read_torchvision(path_or_state_dict):
-    """A torchvision state dict from a file (read with weights_only=True), a dict, or "coco"
-    (downloads torchvision's COCO weights).  Returns (state dict, class names or None)."""
+    """A torchvision state dict from a file (read with weights_only=True), a dict, or "coco":
+    torchvision's COCO weights (box AP 37.9, mask AP 34.6), downloaded through
+    ``MaskRCNN_ResNet50_FPN_Weights.COCO_V1`` into torch's hub cache.  Returns (state dict, class names or None)."""
     if isinstance(path_or_state_dict, dict):
         return path_or_state_dict, None
     if str(path_or_state_dict) == "coco":
         from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
         w = MaskRCNN_ResNet50_FPN_Weights.COCO_V1
         return w.get_state_dict(progress=True), ["BG"] + list(w.meta["categories"][1:])
-    path = Path(path_or_state_dict)
-    if not path.exists():
-        raise WeightsError(f"{path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: expected a state dict")
-    return state, None
+    return read_weights(path_or_state_dict), None
 
 
 def load_torchvision(cls, path_or_state_dict, config: Config | None = None, class_names=None):
