@@ -277,7 +277,7 @@ def model_flops(ours, image, device) -> tuple[float, float]:
     with FlopCounterMode(display=False) as counter:
         ours.detect([image])
     counts = counter.get_flop_counts()
-    backbone = sum(sum(v.values()) for k, v in counts.items() if k.endswith(".backbone") or k.endswith(".fpn"))
+    backbone = sum(sum(counts.get(k, {}).values()) for k in ("ResNet", "FPN"))  # top-level modules by class
     return counter.get_total_flops() / 1e9, backbone / 1e9
 
 
@@ -366,12 +366,15 @@ def stage_split(tv, ours, run_tv, run_ours, args, device):
 
 
 # ---------------------------------------------------------------------------- ablation
+ABLATIONS = [("neither (NCHW, conv then BN)", False, False), ("channels-last only", False, True),
+             ("BN folding only", True, False), ("both (default)", True, True)]
+
+
 def bench_ablation(args, device) -> None:
     """Ours with each speed idea off in turn, against torchvision, interleaved; 480x640 image."""
     tv = build_torchvision(800, 1333).to(device)
     variants = {}
-    for name, fold, cl in [("neither (NCHW, conv then BN)", False, False), ("channels-last only", False, True),
-                           ("BN folding only", True, False), ("both (default)", True, True)]:
+    for name, fold, cl in ABLATIONS:
         m = build_ours(tv, 800, 1333).to(device)
         set_bn_folding(m.backbone, fold)
         m.backbone.channels_last = cl
@@ -407,6 +410,17 @@ def bench_ablation(args, device) -> None:
     for name in fns:
         a, b = statistics.median(t[name]), statistics.median(tb[name])
         print(f"| {name} | {fmt_ms(a)} | {a / ref:.2f} | {fmt_ms(b)} | {b / bref:.2f} |", flush=True)
+    del variants, fns, bfns
+    train = training_step_fns(device, variants={name: (fold, cl) for name, fold, cl in ABLATIONS})
+    del train["ours"]
+    t = interleaved(train, args.train_reps, device)
+    print(f"\n## Ablation: training, batch 2, 512x512 (median of {args.train_reps}, interleaved)\n")
+    print("| variant | s / iteration | / torchvision |")
+    print("|---|---:|---:|")
+    ref = statistics.median(t["tv"])
+    for name in t:
+        a = statistics.median(t[name])
+        print(f"| {'torchvision' if name == 'tv' else name} | {a:.3f} | {a / ref:.2f} |", flush=True)
 
 
 # ---------------------------------------------------------------------------- training
@@ -430,28 +444,36 @@ def training_batch(seed: int = 0, size: int = 512, instances: int = 3):
     return images, targets
 
 
-def training_step_fns(device, size: int = 512):
-    """(step functions, models) for one SGD iteration of each model on the same batch."""
+def training_step_fns(device, size: int = 512, variants=None):
+    """One SGD iteration (forward, backward, step) of each model on the same batch, as
+    functions: {"ours": ..., "tv": ...}, plus one per ``variants`` entry (name -> (fold BN,
+    channels-last)) of ours."""
     tv = build_torchvision(size, size).to(device).train()
-    ours = build_ours(tv, size, size).to(device).train()
-    ours.set_trainable("3+")  # torchvision's trainable_backbone_layers=3: layer2..layer4 + heads
+    models = {"tv": tv}
+    for name, (fold, cl) in {"ours": (None, None), **(variants or {})}.items():
+        ours = build_ours(tv, size, size).to(device).train()
+        ours.set_trainable("3+")  # torchvision's trainable_backbone_layers=3: layer2..layer4 + heads
+        if fold is not None:
+            set_bn_folding(ours.backbone, fold)
+            ours.backbone.channels_last = cl
+        models[name] = ours
     images, targets = training_batch(size=size)
     dev_targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     tv_images = [im.to(device).float() / 255 for im in images]
     ours_images = [im.to(device) for im in images]
-    opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
-            for k, m in (("ours", ours), ("tv", tv))}
 
-    def step(model, key, imgs):
+    def step(model, imgs):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
+
         def run():
             losses = model(imgs, dev_targets)
             loss = sum(losses.values())
-            opts[key].zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            opts[key].step()
+            opt.step()
         return run
 
-    return {"ours": step(ours, "ours", ours_images), "tv": step(tv, "tv", tv_images)}
+    return {k: step(m, tv_images if k == "tv" else ours_images) for k, m in models.items()}
 
 
 def peak_memory_child(which: str, device: str, iters: int) -> None:
@@ -545,6 +567,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    # Full float32 on a GPU (no TF32 convolutions): the two models pick different conv algorithms,
+    # and with TF32 their scores drift apart by more than the 1e-4 the detection check allows.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     if args.memory_child:
         peak_memory_child(args.memory_child, args.device, iters=3)
         return

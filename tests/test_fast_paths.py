@@ -56,6 +56,29 @@ def test_training_bn_is_not_folded_and_folded_gradients_match():
     torch.testing.assert_close(folded_grad, conv.weight.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frozen_folded_conv_gradients(bias, channels_last):
+    """Training through a folded conv + FrozenBatchNorm2d: output and the gradients of input,
+    weight and bias equal the unfolded pair's."""
+    torch.manual_seed(1)
+    conv, frozen = nn.Conv2d(4, 6, 3, 2, 1, bias=bias), random_norm(FrozenBatchNorm2d(6), 6, 4)
+    x = torch.randn(2, 4, 11, 9, requires_grad=True)
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    g = torch.randn(2, 6, 6, 5)
+    out = conv_norm(conv, frozen, xin, relu=True)
+    out.backward(g)
+    fast = [x.grad.clone(), conv.weight.grad.clone()] + ([conv.bias.grad.clone()] if bias else [])
+    x.grad = None
+    conv.zero_grad()
+    ref = torch.relu(frozen(conv(xin)))
+    ref.backward(g)
+    slow = [x.grad, conv.weight.grad] + ([conv.bias.grad] if bias else [])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_fold_cache_follows_weight_updates():
     conv, norm = nn.Conv2d(3, 4, 1), random_norm(FrozenBatchNorm2d(4), 4, 3)
     x = torch.randn(1, 3, 5, 5)

@@ -11,7 +11,8 @@ The module parameters are never changed: the folded weight and bias are computed
 Without autograd (``detect`` runs under ``inference_mode``) they are cached on the conv and
 recomputed only when one of the source tensors changes (its storage or its version counter:
 an optimiser step, ``load_state_dict``, ``.to(device)``); with autograd they are recomputed on
-every call, so gradients flow to the conv weight exactly as through the unfolded pair.
+every call, so gradients flow to the conv weight exactly as through the unfolded pair (for a
+FrozenBatchNorm2d through a small autograd function that keeps no folded copy for backward).
 
 Folding is a choice per module (its ``fold_bn`` attribute; :func:`set_bn_folding` sets it over a
 model).  The torchvision-style ResNet folds by default.  The Matterport style does not: the
@@ -74,6 +75,34 @@ def folded_params(conv: nn.Conv2d, norm: nn.Module, channels_last: bool = False)
     return cached[1]
 
 
+class _FrozenFoldedConv(torch.autograd.Function):
+    """conv2d with weight ``W * scale`` and bias ``b * scale + shift`` (constants ``scale``,
+    ``shift`` of a FrozenBatchNorm2d) that saves ``W`` rather than the folded copy for backward,
+    so training holds no second copy of each trainable weight; the folded weight is recomputed
+    in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, conv_bias, scale, shift, stride, padding, dilation, groups):
+        w = weight * scale.reshape(-1, 1, 1, 1)
+        bias = shift if conv_bias is None else conv_bias * scale + shift
+        ctx.save_for_backward(x, weight, scale)
+        ctx.conv = (stride, padding, dilation, groups, conv_bias is not None)
+        return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, scale = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conv
+        w = weight * scale.reshape(-1, 1, 1, 1)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, w, [w.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            [need_x, need_w, need_b and has_bias])
+        gw = gw * scale.reshape(-1, 1, 1, 1) if need_w else None
+        gb = gb * scale if need_b and has_bias else None
+        return gx if need_x else None, gw, gb, None, None, None, None, None, None
+
+
 def set_bn_folding(model: nn.Module, enabled: bool = True) -> int:
     """Fold (or stop folding) BatchNorm into the convs of every module of ``model`` that can.
     Returns how many modules were set."""
@@ -95,6 +124,12 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor, relu: bool = Fa
     """
     if isinstance(norm, nn.Identity):
         out = conv(x)
+    elif fold and isinstance(norm, FrozenBatchNorm2d) and torch.is_grad_enabled() and conv.weight.requires_grad \
+            and isinstance(conv.padding, tuple):
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        shift = norm.bias - norm.running_mean * scale
+        out = _FrozenFoldedConv.apply(x, conv.weight, conv.bias, scale, shift, conv.stride, conv.padding,
+                                      conv.dilation, conv.groups)
     elif fold and is_foldable(norm):
         weight, bias = folded_params(conv, norm, x.is_contiguous(memory_format=torch.channels_last)
                                      and x.dim() == 4 and x.shape[1] > 1)

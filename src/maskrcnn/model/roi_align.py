@@ -132,8 +132,8 @@ def nchw(feature: torch.Tensor) -> torch.Tensor:
     entry = _NCHW.get(key)
     if entry is not None and entry[0]() is feature and entry[1] == version:
         return entry[2]
-    copy = channels_last_to_nchw(feature) if feature.is_contiguous(memory_format=torch.channels_last) \
-        else feature.contiguous()
+    blocked = feature.device.type == "cpu" and feature.is_contiguous(memory_format=torch.channels_last)
+    copy = channels_last_to_nchw(feature) if blocked else feature.contiguous()  # one kernel on a GPU
     _NCHW[key] = (weakref.ref(feature, lambda _, key=key: _NCHW.pop(key, None)), version, copy)
     return copy
 
