@@ -55,20 +55,17 @@ def build_torchvision(min_size: int, max_size: int, seed: int = 0) -> Torchvisio
                              min_size=min_size, max_size=max_size)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in tv.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p[0].numel()) ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
+        # Parameters and frozen-BN buffers alike: kernels ~ N(0, 1/fan_in), BN scales and
+        # variances in [0.5, 1), everything else (biases, means) ~ N(0, 0.1^2).
+        for name, t in tv.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if t.dim() > 1:
+                t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
+            elif name.endswith("weight") or name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.5)
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        for name, b in tv.named_buffers():
-            if name.endswith("running_mean") or name.endswith(".bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-            elif name.endswith(".weight"):
-                b.copy_(torch.rand(b.shape, generator=g) * 0.5 + 0.5)
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
         tv.rpn.head.bbox_pred.weight.mul_(0.1)
         tv.roi_heads.box_predictor.bbox_pred.weight.mul_(0.1)
         tv.roi_heads.box_predictor.cls_score.weight.mul_(5)
