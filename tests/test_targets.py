@@ -159,3 +159,16 @@ def test_targets_on_cuda_match_cpu():
     out = build_detection_targets(anchors.cuda(), GT.cuda(), torch.tensor([2]).cuda(),
                                   _left_half_mask().cuda(), NO_CROWD.cuda(), 8, 0.5)
     assert all(t.is_cuda for t in out)
+
+
+def test_empty_gt_boxes_are_ignored():
+    # an instance whose mask vanished in resizing has the box (0, 0, 0, 0)
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 0.0, 0.0]])
+    crowd = torch.tensor([False, False])
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 1.0, 1.0], [50.0, 50.0, 60.0, 60.0]])
+    labels, deltas = build_rpn_targets(anchors, gt, crowd)
+    assert labels.tolist() == [1, 0, 0] and torch.isfinite(deltas).all()
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[0, :10, :10] = True
+    rois, labels, deltas, _ = build_detection_targets(anchors, gt, torch.tensor([1, 2]), masks, crowd, 8, 0.5)
+    assert labels.tolist() == [1, 1, 0, 0] and torch.isfinite(deltas).all()

@@ -220,7 +220,8 @@ class Trainer:
             model = unwrap(self.wrapped)
             model.eval()
             with torch.no_grad():
-                metrics = {f"val/{k}": float(v) for k, v in self.evaluate(model).items()}
+                metrics = {f"val/{k}": None if v is None else float(v)
+                           for k, v in self.evaluate(model).items()}
             model.train()
             self._log({"step": self.step, **metrics})
         barrier()

@@ -47,6 +47,12 @@ def _crowd_overlap(boxes: torch.Tensor, crowd_boxes: torch.Tensor) -> torch.Tens
     return box_iou(boxes, crowd_boxes).max(dim=1).values >= CROWD_IOU
 
 
+def _usable(gt_boxes: torch.Tensor, gt_crowd: torch.Tensor) -> torch.Tensor:
+    """[G] bool: non-crowd gt with a positive width and height (an instance whose mask vanished
+    in resizing has an empty box, which has no IoU with anything and no deltas)."""
+    return ~gt_crowd & (gt_boxes[:, 2] > gt_boxes[:, 0]) & (gt_boxes[:, 3] > gt_boxes[:, 1])
+
+
 def _match(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Best ground truth of each box.
 
@@ -79,14 +85,14 @@ def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: t
       labels: [A] int64, 1 positive, 0 negative, -1 ignored (neither, or not sampled).
       deltas: [A, (dx, dy, log dw, log dh)] float, ``box_deltas(anchor, matched gt) / std`` for the
               sampled positives, zeros elsewhere.
-    With no (non-crowd) gt, every sampled anchor is negative.
+    With no (non-crowd, non-empty) gt, every sampled anchor is negative.
     """
     device = anchors.device
     num_anchors = anchors.shape[0]
     gt_crowd = gt_crowd.to(device=device, dtype=torch.bool)
     gt_boxes = gt_boxes.to(device=device, dtype=anchors.dtype)
     crowd = _crowd_overlap(anchors, gt_boxes[gt_crowd])
-    objects = gt_boxes[~gt_crowd]
+    objects = gt_boxes[_usable(gt_boxes, gt_crowd)]
 
     labels = torch.full((num_anchors,), -1, dtype=torch.int64, device=device)
     deltas = torch.zeros(num_anchors, 4, dtype=anchors.dtype, device=device)
@@ -158,9 +164,10 @@ def build_detection_targets(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_
     dtype = proposals.dtype
     gt_crowd = gt_crowd.to(device=device, dtype=torch.bool)
     gt_boxes = gt_boxes.to(device=device, dtype=dtype)
-    objects = gt_boxes[~gt_crowd]
-    object_labels = gt_labels.to(device)[~gt_crowd]
-    object_masks = gt_masks.to(device)[~gt_crowd]
+    usable = _usable(gt_boxes, gt_crowd)
+    objects = gt_boxes[usable]
+    object_labels = gt_labels.to(device)[usable]
+    object_masks = gt_masks.to(device)[usable]
     candidates = torch.cat([proposals.detach(), objects], dim=0)
     crowd = _crowd_overlap(candidates, gt_boxes[gt_crowd])
 
