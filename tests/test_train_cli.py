@@ -38,6 +38,20 @@ def test_train_then_resume_then_load(tmp_path, capsys):
                  "--steps", "1", "--weights", str(tmp_path / "model"), "--set", *SMALL]) == 0
 
 
+def test_train_on_coco_leaves_out_a_missing_image(tmp_path, capsys, caplog):
+    """COCO data with crowd, RLE, odd image modes and one image deleted: the run trains on the
+    images it can read and says how many it left out."""
+    from data_samples import coco_sample
+
+    ann, images = coco_sample(tmp_path / "data")
+    (images / "rgba.png").unlink()
+    with caplog.at_level("WARNING", logger="maskrcnn"):
+        assert main(["train", "--coco", str(ann), "--images", str(images), "--out", str(tmp_path / "run"),
+                     "--workers", "0", "--device", "cpu", "--steps", "2", "--set", *SMALL]) == 0
+    assert "1 missing or unreadable image(s) left out of training" in caplog.text
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
 def test_train_without_data_is_one_line_error(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -97,11 +97,18 @@ def training_data(args):
     from .common import open_annotations
 
     dataset = open_annotations(args)
-    problems = check_loaded(dataset).problems
-    if problems:
+    report = check_loaded(dataset)
+    if report.problems:
         log.warning("%d annotation problem(s) (those annotations are skipped), first: %s; "
-                    "`maskrcnn check-data` lists them all", len(problems), problems[0])
-    train_ids, val_ids = split_indices(len(dataset.image_info), args.val_split, args.seed)
+                    "`maskrcnn check-data` lists them all", len(report.problems), report.problems[0])
+    bad = set(report.bad_image_ids)
+    usable = [i for i in range(len(dataset.image_info)) if i not in bad]
+    if bad:
+        log.warning("%d missing or unreadable image(s) left out of training", len(bad))
+    if not usable:
+        raise MaskRCNNError("annotations: none of the images can be read")
+    train_ids, val_ids = split_indices(len(usable), args.val_split, args.seed)
+    train_ids, val_ids = [usable[i] for i in train_ids], [usable[i] for i in val_ids]
     train = Subset(TorchDataset(dataset, build_transforms(train=True)), train_ids)
     val = Subset(TorchDataset(dataset), val_ids) if val_ids else None
     return train, val, list(dataset.class_names)
