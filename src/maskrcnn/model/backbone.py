@@ -33,6 +33,13 @@ def norm_layer(channels: int, eps: float, trainable: bool) -> nn.Module:
     return nn.BatchNorm2d(channels, eps=eps) if trainable else FrozenBatchNorm2d(channels, eps=eps)
 
 
+def projection_shortcut(cin: int, cout: int, stride: int, bias: bool, eps: float, train_bn: bool):
+    """1x1 conv (stride ``stride``) + BN where a block changes shape, else None (identity)."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=bias), norm_layer(cout, eps, train_bn))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs (ResNet-18/34).  [N, Cin, H, W] -> [N, C, H/stride, W/stride]."""
     expansion = 1
@@ -46,10 +53,7 @@ class BasicBlock(nn.Module):
         self.bn1 = norm_layer(width, eps, train_bn)
         self.conv2 = nn.Conv2d(width, cout, 3, 1, 1, bias=bias)
         self.bn2 = norm_layer(cout, eps, train_bn)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=bias),
-                                            norm_layer(cout, eps, train_bn))
+        self.downsample = projection_shortcut(cin, cout, stride, bias, eps, train_bn)
 
     def forward(self, x):
         out = conv_norm(self.conv1, self.bn1, x, True, self.fold_bn)
@@ -76,10 +80,7 @@ class Bottleneck(nn.Module):
         self.bn2 = norm_layer(width, eps, train_bn)
         self.conv3 = nn.Conv2d(width, cout, 1, bias=bias)
         self.bn3 = norm_layer(cout, eps, train_bn)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=bias),
-                                            norm_layer(cout, eps, train_bn))
+        self.downsample = projection_shortcut(cin, cout, stride, bias, eps, train_bn)
 
     def forward(self, x):
         out = conv_norm(self.conv1, self.bn1, x, True, self.fold_bn)
