@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "train", "evaluate", "detect", "check_data", "convert", "export")
+COMMANDS = ("demo", "train", "evaluate", "detect", "check_data", "convert")
 
 EPILOG = """examples:
   maskrcnn demo --out demo_out                      train on built-in shapes, write pictures
