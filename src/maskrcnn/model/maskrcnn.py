@@ -222,9 +222,8 @@ class MaskRCNN(nn.Module):
                                 + torch.tensor([0, 0, 1, 1], dtype=torch.float64))
             keep = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) > 0
         else:
-            ratio = torch.tensor([w / (x2 - x1), h / (y2 - y1)], dtype=torch.float32)
-            if cfg.image_resize_mode == "torchvision":
-                ratio = torch.tensor([float(w), float(h)]) / torch.tensor([float(x2 - x1), float(y2 - y1)])
+            # original / resized size per axis, divided in float32 as torchvision's postprocess
+            ratio = torch.tensor([float(w), float(h)]) / torch.tensor([float(x2 - x1), float(y2 - y1)])
             boxes = (boxes - torch.tensor([x1, y1, x1, y1], dtype=torch.float32)) * ratio[[0, 1, 0, 1]]
             keep = torch.ones(boxes.shape[0], dtype=torch.bool)
         masks = det["mask_probs"].float().cpu()[keep]
