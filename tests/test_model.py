@@ -135,6 +135,8 @@ def test_config_presets_files_and_errors(tmp_path):
         Config(roi_pooling="nearest")
     with pytest.raises(ConfigError, match="num_classes"):
         Config(num_classes=0)
+    with pytest.raises(ConfigError, match="image_min_dim=500 must be a multiple of 64 for pad64"):
+        Config(image_resize_mode="pad64", image_min_dim=500)
     (tmp_path / "bad.yaml").write_text("num_classes: [\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         Config.load(tmp_path / "bad.yaml")

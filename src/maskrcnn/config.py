@@ -212,8 +212,9 @@ class Config:
                 raise ConfigError(f"{key}={v!r} must be a positive integer")
         if tuple(self.mask_shape) != (2 * self.mask_pool_size, 2 * self.mask_pool_size):
             raise ConfigError(f"mask_shape={self.mask_shape!r} must be twice mask_pool_size={self.mask_pool_size}")
-        if self.image_resize_mode in ("square", "pad64") and self.image_max_dim % 64 and self.image_resize_mode == "pad64":
-            raise ConfigError(f"image_max_dim={self.image_max_dim} must be a multiple of 64 for pad64")
+        if self.image_resize_mode == "pad64" and self.image_min_dim % 64:
+            raise ConfigError(f"image_min_dim={self.image_min_dim} must be a multiple of 64 for pad64 "
+                              "(as Matterport's resize_image asserts)")
         if self.image_resize_mode == "square" and self.image_max_dim % 64:
             raise ConfigError(f"image_max_dim={self.image_max_dim} must be a multiple of 64 "
                               "(the image is halved 6 times)")
