@@ -1,5 +1,4 @@
 """The synthetic shapes data set: format, determinism, occlusion."""
-import numpy as np
 import torch
 
 from maskrcnn.boxes import masks_to_boxes

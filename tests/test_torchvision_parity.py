@@ -1,6 +1,5 @@
 """Parity with torchvision's maskrcnn_resnet50_fpn (v1): the same random weights (every
 parameter and BN statistic randomised) loaded into both, the same images, the same detections."""
-import numpy as np
 import pytest
 import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn

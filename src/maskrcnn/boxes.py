@@ -98,11 +98,6 @@ def denormalize_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Ten
     return boxes * scale + shift
 
 
-def yxyx_to_xyxy(boxes):
-    """Swap Matterport's (y1, x1, y2, x2) order to (x1, y1, x2, y2) and back (an involution)."""
-    return boxes[..., [1, 0, 3, 2]]
-
-
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Tight boxes of binary masks, as Matterport's ``extract_bboxes``.
 

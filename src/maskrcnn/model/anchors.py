@@ -10,7 +10,6 @@ the ratios in config order, fastest.  Every cell's anchors are centred on ``cell
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -55,9 +54,3 @@ def torchvision_strides(image_shape: tuple[int, int], feature_shapes) -> list[tu
     """torchvision's per-level strides, ``image_size // feature_size`` on each axis: on a padded
     size that is not a multiple of 64, P6's stride is not 64 (480 // 8 = 60)."""
     return [(image_shape[0] // h, image_shape[1] // w) for h, w in feature_shapes]
-
-
-def backbone_shapes(image_shape: tuple[int, int], strides) -> list[tuple[int, int]]:
-    """Feature-map (H, W) of each stride for an image of ``image_shape`` (Matterport's
-    ``compute_backbone_shapes``: ceil(size / stride))."""
-    return [(math.ceil(image_shape[0] / s), math.ceil(image_shape[1] / s)) for s in strides]

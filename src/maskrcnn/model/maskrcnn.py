@@ -8,10 +8,7 @@ returns one :class:`maskrcnn.Detections` per image.
 """
 from __future__ import annotations
 
-import json
-import logging
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +27,6 @@ from .proposals import propose_global, propose_per_level
 from .roi_align import pyramid_roi_align
 from .rpn import RPNHead, foreground_scores
 
-log = logging.getLogger("maskrcnn")
 
 #: Matterport's ``layers=`` regimes, as regular expressions over our module names.
 LAYER_REGIMES = {
