@@ -31,6 +31,7 @@ class ConfigError(MaskRCNNError, ValueError):
 _CHOICES = {
     "backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
     "image_resize_mode": ("none", "square", "pad64", "crop", "torchvision"),
+    "image_intensity_range": ("percentile", "full"),
     "backbone_style": ("caffe", "pytorch"),
     "rpn_objectness": ("softmax", "sigmoid"),
     "proposal_selection": ("global", "per_level"),
@@ -73,6 +74,10 @@ class Config:
     image_min_scale: float = 0
     image_channel_count: int = 3
     mean_pixel: tuple = (123.7, 116.8, 103.9)
+    # 16/32-bit images to uint8: "percentile" stretches each image over its own intensity_percentiles
+    # (microscopy tools' auto-contrast), "full" maps 0..65535 onto 0..255 (maskrcnn.data.images).
+    image_intensity_range: str = "percentile"
+    intensity_percentiles: tuple = (0.1, 99.9)
     train_rois_per_image: int = 200
     roi_positive_ratio: float = 0.33
     pool_size: int = 7
@@ -222,6 +227,10 @@ class Config:
                                             "mrcnn_bbox_loss", "mrcnn_mask_loss"}
         if missing:
             raise ConfigError(f"loss_weights must name exactly the five losses; check {sorted(missing)}")
+        p = tuple(self.intensity_percentiles)
+        if len(p) != 2 or not all(isinstance(v, (int, float)) for v in p) or not 0 <= p[0] < p[1] <= 100:
+            raise ConfigError(f"intensity_percentiles={self.intensity_percentiles!r} must be two numbers "
+                              "0 <= low < high <= 100")
         if self.bbox_decode_clip is not None and self.bbox_decode_clip <= 0:
             raise ConfigError(f"bbox_decode_clip={self.bbox_decode_clip!r} must be positive or null")
 
