@@ -1,10 +1,25 @@
-"""Typed results of the model."""
+"""Typed results of the model, and their COCO and Matterport forms."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+def encode_rle(masks: torch.Tensor) -> list[dict]:
+    """COCO compressed RLEs of masks [N, H, W] bool: ``{"size": [H, W], "counts": str}`` each
+    (counts decoded to ASCII so the records are JSON-ready).  The one RLE encoder of the package."""
+    from pycocotools import mask as mask_utils
+
+    if len(masks) == 0:
+        return []
+    array = np.asfortranarray(torch.as_tensor(masks).numpy().transpose(1, 2, 0).astype(np.uint8))
+    rles = mask_utils.encode(array)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+        rle["size"] = [int(v) for v in rle["size"]]
+    return rles
 
 
 @dataclass
@@ -31,24 +46,32 @@ class Detections:
         return cls(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0),
                    torch.zeros(0, height, width, dtype=torch.bool))
 
-    def to_coco(self, image_id: int, category_ids=None) -> list[dict]:
-        """COCO result records: bbox as [x, y, w, h] and segmentation as compressed RLE.
-        ``category_ids`` maps our class id to the dataset's category id (identity if None)."""
-        from pycocotools import mask as mask_utils
-
+    def to_coco(self, image_id, category_ids=None) -> list[dict]:
+        """COCO result records, one per instance: ``image_id``, ``category_id``, ``bbox``
+        [x, y, width, height] pixels, ``score`` and ``segmentation`` (compressed RLE).
+        ``category_ids`` maps our class id (index) to the dataset's category id (identity if
+        None); instances of a class mapped to None (no such category) are left out."""
         records = []
-        masks = np.asfortranarray(self.masks.numpy().transpose(1, 2, 0).astype(np.uint8))
-        rles = mask_utils.encode(masks) if len(self) else []
-        for i in range(len(self)):
-            x1, y1, x2, y2 = (float(v) for v in self.boxes[i])
+        for i, rle in enumerate(encode_rle(self.masks)):
             label = int(self.labels[i])
-            rle = rles[i]
-            rle["counts"] = rle["counts"].decode("ascii")
-            records.append({
-                "image_id": image_id,
-                "category_id": category_ids[label] if category_ids is not None else label,
-                "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "score": float(self.scores[i]),
-                "segmentation": rle,
-            })
+            category = category_ids[label] if category_ids is not None else label
+            if category is None:
+                continue
+            x1, y1, x2, y2 = (float(v) for v in self.boxes[i])
+            records.append({"image_id": image_id, "category_id": category, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": float(self.scores[i]), "segmentation": rle})
         return records
+
+    def to_matterport(self) -> dict:
+        """Matterport's ``model.detect`` result for this image::
+
+            rois:      [N, (y1, x1, y2, x2)] int32 pixels (y2, x2 exclusive)
+            class_ids: [N] int32
+            scores:    [N] float32
+            masks:     [H, W, N] bool
+        """
+        boxes = torch.round(self.boxes.to(torch.float64)).numpy().astype(np.int32)
+        return {"rois": np.ascontiguousarray(boxes[:, [1, 0, 3, 2]]).reshape(-1, 4),
+                "class_ids": self.labels.numpy().astype(np.int32),
+                "scores": self.scores.numpy().astype(np.float32),
+                "masks": np.ascontiguousarray(self.masks.numpy().astype(bool).transpose(1, 2, 0))}

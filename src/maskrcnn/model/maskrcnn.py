@@ -43,13 +43,17 @@ class MaskRCNN(nn.Module):
 
     config: a :class:`maskrcnn.Config`; ``num_classes`` counts the background.
     class_names: optional names, index = class id (0 = "BG").
+    category_ids: optional dataset category id of each class id (index 0, the background, 0),
+        e.g. COCO's 1..90 with gaps: what ``detect`` and ``evaluate`` write in results files.
     """
 
-    def __init__(self, config: Config | None = None, class_names: list[str] | None = None):
+    def __init__(self, config: Config | None = None, class_names: list[str] | None = None,
+                 category_ids: list | None = None):
         super().__init__()
         config = config or Config()
         self.config = config
         self.class_names = list(class_names) if class_names else None
+        self.category_ids = list(category_ids) if category_ids else None
         c = config.top_down_pyramid_size
         self.backbone = ResNet(config.backbone, config.backbone_style, config.train_bn)
         self.fpn = FPN(self.backbone.out_channels, c)

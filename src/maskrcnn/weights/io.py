@@ -1,6 +1,6 @@
-"""Our own weights format: a folder with ``model.safetensors`` (tensors) and ``config.yaml``
-(the :class:`Config`, plus ``class_names``).  safetensors holds no code, so loading an untrusted
-file cannot run anything."""
+"""Our own weights format: a folder with ``model.safetensors`` (tensors), ``config.yaml`` (the
+:class:`Config`) and ``meta.json`` (``class_names`` and the dataset's ``category_ids``).
+safetensors holds no code, so loading an untrusted file cannot run anything."""
 from __future__ import annotations
 
 import json
@@ -28,7 +28,8 @@ def save_model(model, path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     model.config.save(path / CONFIG_FILE)
     atomic_write_with(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "maskrcnn"}))
-    atomic_write_bytes(path / META_FILE, json.dumps({"class_names": model.class_names}).encode())
+    meta = {"class_names": model.class_names, "category_ids": getattr(model, "category_ids", None)}
+    atomic_write_bytes(path / META_FILE, json.dumps(meta).encode())
 
 
 def read_weights(path) -> dict[str, torch.Tensor]:
@@ -68,13 +69,16 @@ def load_model(cls, path, map_location="cpu", config: Config | None = None):
             config = Config.load(cfg_path)
         except ConfigError as e:
             raise WeightsError(str(e)) from None
-    class_names = None
+    class_names = category_ids = None
     meta = folder / META_FILE
     if meta.exists():
         try:
-            class_names = json.loads(meta.read_text()).get("class_names")
+            values = json.loads(meta.read_text())
+            class_names, category_ids = values.get("class_names"), values.get("category_ids")
         except (json.JSONDecodeError, AttributeError) as e:
             raise WeightsError(f"{meta}: not valid JSON ({e})") from None
-    model = cls(config, class_names)
+        if category_ids is not None and (not isinstance(category_ids, list) or len(category_ids) != config.num_classes):
+            raise WeightsError(f"{meta}: category_ids must list one id per class ({config.num_classes})")
+    model = cls(config, class_names, category_ids)
     model.load_state_dict_checked(read_weights(weights), str(weights))
     return model.to(map_location).eval()

@@ -58,14 +58,22 @@ def convert_state_dict(state: dict) -> dict[str, torch.Tensor]:
 def read_torchvision(path_or_state_dict):
     """A torchvision state dict from a file (read with weights_only=True), a dict, or "coco":
     torchvision's COCO weights (box AP 37.9, mask AP 34.6), downloaded through
-    ``MaskRCNN_ResNet50_FPN_Weights.COCO_V1`` into torch's hub cache.  Returns (state dict, class names or None)."""
+    ``MaskRCNN_ResNet50_FPN_Weights.COCO_V1`` into torch's hub cache.  Returns (state dict, class
+    names or None)."""
     if isinstance(path_or_state_dict, dict):
         return path_or_state_dict, None
     if str(path_or_state_dict) == "coco":
         from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
         w = MaskRCNN_ResNet50_FPN_Weights.COCO_V1
-        return w.get_state_dict(progress=True), ["BG"] + list(w.meta["categories"][1:])
+        return w.get_state_dict(progress=True), coco_class_names()
     return read_weights(path_or_state_dict), None
+
+
+def coco_class_names() -> list[str]:
+    """torchvision's COCO class list, index = COCO category id (91 entries: "BG", then
+    "person" = 1 ... "toothbrush" = 90, with "N/A" at the ids COCO leaves unused)."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+    return ["BG"] + list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"][1:])
 
 
 def load_torchvision(cls, path_or_state_dict, config: Config | None = None, class_names=None):
@@ -78,6 +86,8 @@ def load_torchvision(cls, path_or_state_dict, config: Config | None = None, clas
     num_classes = int(ours["box_head.class_logits.weight"].shape[0])
     if config is None:
         config = Config.preset("torchvision", num_classes=num_classes)
-    model = cls(config, class_names or names)
+    # torchvision's class id is the COCO category id itself: the table is the identity.
+    category_ids = list(range(num_classes)) if names is not None and len(names) == num_classes else None
+    model = cls(config, class_names or names, category_ids)
     model.load_state_dict_checked(ours, source)
     return model.eval()
