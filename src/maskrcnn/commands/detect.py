@@ -84,9 +84,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return files
 
 
-def iter_frames(files: list[Path]) -> Iterator[Frame]:
+def iter_frames(files: list[Path], scaling=None) -> Iterator[Frame]:
     """Frames of every input, read lazily: one per still image, each frame of a video or an
-    animated image (numbered from 0)."""
+    animated image (numbered from 0); 16/32-bit images mapped to uint8 by ``scaling``
+    (an :class:`~maskrcnn.data.images.IntensityScaling`, the model config's rule)."""
     from ..data.images import read_image
     from ..data.video import frame_count, image_frames, is_video, video_frames
 
@@ -94,9 +95,9 @@ def iter_frames(files: list[Path]) -> Iterator[Frame]:
         if is_video(path):
             frames = video_frames(path)
         elif frame_count(path) > 1:
-            frames = image_frames(path)
+            frames = image_frames(path, scaling)
         else:
-            yield Frame(path, None, read_image(path))
+            yield Frame(path, None, read_image(path, scaling))
             continue
         for index, image in enumerate(frames):
             yield Frame(path, index, image)
@@ -116,6 +117,7 @@ def output_names(files: list[Path]) -> dict[Path, str]:
 
 
 def run(args) -> int:
+    from ..data.images import IntensityScaling
     from ..data.video import is_video
     from ..utils import atomic_write_with
 
@@ -127,6 +129,7 @@ def run(args) -> int:
     files = expand_inputs(args.inputs)
     model = load_model(args)
     class_names = model_class_names(model)
+    scaling = IntensityScaling.from_config(model.config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = output_names(files)
@@ -137,7 +140,7 @@ def run(args) -> int:
         with open(tmp_path, "w", encoding="utf-8") as f:
             f.write("[")
             first = True
-            for batch in batches(progress(iter_frames(files), total, "detect"), max(1, args.batch_size)):
+            for batch in batches(progress(iter_frames(files, scaling), total, "detect"), max(1, args.batch_size)):
                 for frame, det in zip(batch, model.detect([fr.image for fr in batch])):
                     image_id = summary["images"]
                     summary["images"] += 1
