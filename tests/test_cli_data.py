@@ -60,7 +60,7 @@ def test_check_data_reports_each_problem_exit_1(tmp_path, capsys):
     ann, images = planted_coco_sample(tmp_path)
     assert main(["check-data", "--coco", str(ann), "--images", str(images)]) == 1
     out = capsys.readouterr().out
-    assert "15 problems:" in out
+    assert "12 errors:" in out and "2 warnings:" in out
     for fragment in ("annotation 201: polygon outside the image", "annotation 202: degenerate polygon",
                      "annotation 203: degenerate polygon: zero area", "annotation 204: empty mask",
                      "annotation 205: unknown category id 99", "annotation 206: duplicate annotation id",
@@ -200,7 +200,8 @@ def test_evaluate_writes_metrics_plot_and_results(tmp_path, model_dir, capsys):
                "--out", str(out)])
     assert rc == 0
     metrics = json.loads(out.read_text())
-    assert set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl",
+                                    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}
     assert metrics["num_images"] == 3 and set(metrics["per_class"]) == {"cat", "dog", "bird"}
     assert 0.0 <= metrics["segm"]["AP"] <= 1.0
     plot = np.asarray(Image.open(tmp_path / "eval" / "metrics_pr.png"))

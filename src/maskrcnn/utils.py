@@ -5,6 +5,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import MaskRCNNError
+
 
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a
@@ -17,19 +19,28 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def atomic_write_with(path, writer) -> None:
     """Like :func:`atomic_write_bytes`, for libraries that write to a file name themselves:
-    ``writer(tmp_path)`` writes the temporary file, which is then renamed over ``path``."""
+    ``writer(tmp_path)`` writes the temporary file, which is then renamed over ``path``.
+
+    A full disk, a read-only or unwritable folder (any OSError while writing) raises
+    MaskRCNNError("<path>: cannot write (<reason>)"); the temporary file is removed and an
+    earlier ``path`` stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise MaskRCNNError(f"{path}: cannot write ({e.strerror or e})") from None
     os.close(fd)
     try:
         writer(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            raise MaskRCNNError(f"{path}: cannot write ({e.strerror or e})") from None
         raise

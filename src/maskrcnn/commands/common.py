@@ -8,30 +8,41 @@ from ..errors import MaskRCNNError
 
 
 def add_annotation_arguments(parser: argparse.ArgumentParser) -> None:
-    """--coco / --labelme / --via / --images / --class-attribute, as ``open_dataset`` takes them."""
-    group = parser.add_argument_group("annotations (one of --coco, --labelme, --via)")
+    """--coco / --labelme / --via / --labels / --mask-dirs / --images / --class-attribute /
+    --class-name / --classes, as ``open_dataset`` takes them."""
+    group = parser.add_argument_group("annotations (one of --coco, --labelme, --via, --labels, --mask-dirs)")
     group.add_argument("--coco", metavar="JSON", help="COCO instance annotations (needs --images)")
     group.add_argument("--labelme", metavar="DIR", help="folder of labelme JSON files")
     group.add_argument("--via", metavar="JSON", help="VIA 1 or 2 annotations, as in the balloon sample (needs --images)")
-    group.add_argument("--images", metavar="DIR", help="folder of the images named by --coco or --via")
+    group.add_argument("--labels", metavar="DIR", help="folder of instance label images (pixel = instance number, "
+                       "0 = background; PNG/TIFF, 8/16/32-bit), one per image of --images, same file stem")
+    group.add_argument("--mask-dirs", metavar="DIR", help="Matterport's nucleus layout: DIR/<id>/images/<id>.png "
+                       "and DIR/<id>/masks/*.png, one binary mask per instance")
+    group.add_argument("--images", metavar="DIR", help="folder of the images named by --coco or --via, or labelled by --labels")
     group.add_argument("--class-attribute", metavar="NAME",
                        help="VIA region attribute holding the class (default: a single class)")
+    group.add_argument("--class-name", default="object", metavar="NAME",
+                       help="the single class of --labels, --mask-dirs and VIA without --class-attribute (default object)")
+    group.add_argument("--classes", metavar="JSON", help="class of each instance for --labels / --mask-dirs: "
+                       '{"<image stem or folder>": {"<label or mask stem>": "<class>"}}')
 
 
 def open_annotations(args):
     """The prepared Dataset named by the annotation arguments."""
-    from ..data.formats import open_dataset
+    from ..data.formats import SOURCES, open_dataset
 
-    if args.coco is None and args.labelme is None and args.via is None:
-        raise MaskRCNNError("annotations: give --coco JSON --images DIR, --labelme DIR or --via JSON --images DIR")
-    return open_dataset(coco=args.coco, labelme=args.labelme, via=args.via, images=args.images,
-                        class_attribute=args.class_attribute)
+    sources = {name: getattr(args, name) for name in SOURCES}
+    if all(value is None for value in sources.values()):
+        raise MaskRCNNError("annotations: give --coco JSON --images DIR, --labelme DIR, --via JSON --images DIR, "
+                            "--labels DIR --images DIR or --mask-dirs DIR")
+    return open_dataset(**sources, images=args.images, class_attribute=args.class_attribute,
+                        class_name=args.class_name, classes=args.classes)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, weights_required: bool = True) -> None:
     """--weights, --config, --set, --device, --batch-size."""
     group = parser.add_argument_group("model")
-    group.add_argument("--weights", required=True, metavar="PATH",
+    group.add_argument("--weights", required=weights_required, metavar="PATH",
                        help="a model folder written by MaskRCNN.save (train, convert)")
     group.add_argument("--config", metavar="YAML", help="config to use instead of the one saved with the weights")
     group.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
