@@ -16,16 +16,16 @@ def test_every_planted_coco_problem_reported(tmp_path):
     lines = [str(p) for p in report.problems]
     ok = str(images / "ok.png")
     expected = [
-        f"{ok}: annotation 201: polygon outside the image: x 50..80, y 5..25 in a 60x40 image",
+        f"{ok}: annotation 201: polygon outside the image: x 50..80, y 5..25 in a 60x40 image; clipped to the image",
         f"{ok}: annotation 202: degenerate polygon: 2 points (needs at least 3)",
         f"{ok}: annotation 203: degenerate polygon: zero area",
         f"{ok}: annotation 204: empty mask (no pixel inside the image)",
         f"{ok}: annotation 205: unknown category id 99",
-        f"{ann_path}: annotation 206: duplicate annotation id",
+        f"{ann_path}: annotation 206: duplicate annotation id (both are used)",
         f"{ann_path}: annotation 207: refers to unknown image id 1234",
         f"{ok}: annotation 208: RLE mask size 10x10 (width x height) does not match the image 60x40",
-        f"{ok}: annotation 209: polygon outside the image: x 100..120, y 100..120 in a 60x40 image",
-        f"{ok}: annotation 209: empty mask (no pixel inside the image)",
+        f"{ok}: annotation 209: empty mask (no pixel inside the image): polygon at x 100..120, y 100..120 in a "
+        "60x40 image",
         f"{images / 'dup.png'}: image 1: duplicate image id (also ok.png)",
         f"{ann_path}: category 3: duplicate category id (names 'dog' and 'dog again')",
         f"{images / 'missing.png'}: no such image file",
@@ -36,10 +36,20 @@ def test_every_planted_coco_problem_reported(tmp_path):
         assert line in lines, f"not reported: {line}\nreported:\n" + "\n".join(lines)
     assert len(lines) == len(expected)
     assert not report.ok
-    assert report.class_counts == {"cat": 8, "dog": 1}  # 205 (unknown category) is not counted
-    assert report.bad_image_ids == [1, 2]  # missing.png, corrupt.png
+    warnings = [str(p) for p in report.warnings]
+    assert warnings == [expected[5], expected[0]]  # 206 (read first), 201: both used
+    # Used: 201 (clipped), 206 twice; on ok.png 202, 203, 204, 208, 209 are unusable, 205 has an
+    # unknown category; 207 refers to no image; 210 is on the missing image.
+    assert report.class_counts == {"cat": 3, "dog": 1}
+    assert report.used == 3 and report.clipped == 1
+    assert dict(report.skipped) == {"unusable segmentation": 3, "no pixel inside the image": 2,
+                                    "unknown category": 1, "rejected while reading": 1, "image unreadable": 1}
+    assert report.bad_image_ids == [1, 2, 3]  # missing.png, corrupt.png, wrong_size.png
     text = report.format()
-    assert f"{len(expected)} problems:" in text and "annotation 203" in text
+    assert f"{len(expected) - 2} errors:" in text and "2 warnings:" in text and "annotation 203" in text
+    assert text.endswith("training uses 3 annotations (1 clipped to the image) and leaves out 8 (3 unusable "
+                         "segmentation, 2 no pixel inside the image, 1 image unreadable, 1 rejected while reading, "
+                         "1 unknown category)")
 
 
 def test_load_mask_skips_what_the_checks_report(tmp_path):
@@ -76,11 +86,11 @@ def test_labelme_planted_problems(tmp_path):
         f"{bad}: shape 2 ('car'): shape type 'line' is not a region (use polygon, rectangle, circle); skipped",
         f"{folder / 'street.json'}: annotates street.png, which bad.json annotates too",
         f"{bad}: shape 0 ('person'): degenerate polygon: 2 points (needs at least 3)",
-        f"{bad}: shape 1 ('car'): polygon outside the image: x 40..60, y 20..40 in a 48x32 image",
+        f"{bad}: shape 1 ('car'): polygon outside the image: x 40..60, y 20..40 in a 48x32 image; clipped to the image",
         f"{(folder / 'gone.png').resolve()}: no such image file",
     ]
     assert sorted(lines) == sorted(expected), "\n".join(lines)
-    assert report.class_counts == {"car": 4, "person": 2}
+    assert report.class_counts == {"car": 4, "person": 1}  # bad.json's 2-point person is left out
 
 
 def test_via_planted_problems(tmp_path):
@@ -98,7 +108,7 @@ def test_via_planted_problems(tmp_path):
     report = check_dataset(via=path, images=images, class_attribute="kind")
     b2 = images / "b2.jpg"
     expected = [
-        f"{b2}: region 0: polygon outside the image: x 10..30, y 10..30 in a 24x24 image",
+        f"{b2}: region 0: polygon outside the image: x 10..30, y 10..30 in a 24x24 image; clipped to the image",
         f"{b2}: region 1: no class in region attribute 'kind'; skipped",
         f"{b2}: region 2: shape 'point' is not a region (use polygon, rect, circle, ellipse); skipped",
         f"{images / 'b1.jpg'}: image listed twice in the VIA file",
@@ -119,9 +129,24 @@ def test_matterport_subclass_checked_through_load_mask(tmp_path):
     ds.add_class("odd", 1, "thing")
     ds.add_image("odd", "a", tmp_path / "a.png")
     ds.prepare()
-    lines = [str(p) for p in check_loaded(ds).problems]
-    assert lines == [f"{tmp_path / 'a.png'}: masks are 5x5 (width x height) but the image is 8x6",
-                     f"{tmp_path / 'a.png'}: instance 1: empty mask"]
+    report = check_loaded(ds)
+    # Masks of another size make the image unusable (TorchDataset would refuse it mid-run).
+    assert [str(p) for p in report.problems] == [f"{tmp_path / 'a.png'}: masks are 5x5 (width x height) "
+                                                 "but the image is 8x6"]
+    assert report.bad_image_ids == [0]
+
+    class Empty(Odd):
+        def load_mask(self, image_id):
+            masks, class_ids = super().load_mask(image_id)
+            return np.pad(masks, ((0, 1), (0, 3), (0, 0))), class_ids
+
+    ds = Empty()
+    ds.add_class("odd", 1, "thing")
+    ds.add_image("odd", "a", tmp_path / "a.png")
+    ds.prepare()
+    report = check_loaded(ds)
+    assert [str(p) for p in report.problems] == [f"{tmp_path / 'a.png'}: instance 1: empty mask"]
+    assert report.used == 1 and dict(report.skipped) == {"no pixel inside the image": 1}
 
 
 def test_unreadable_annotation_file_raises(tmp_path):

@@ -137,7 +137,6 @@ def test_detect_bad_inputs_exit_2_and_keep_old_results(tmp_path, model_dir, caps
     (tmp_path / "broken.yaml").write_text("num_classes: [4\n")
     weights = str(model_dir)
     cases = [
-        (["--weights", weights, "--out", str(out), str(good), str(tmp_path / "corrupt.png")], "corrupt.png: "),
         (["--weights", weights, "--out", str(out), str(tmp_path / "missing.png")], "missing.png: no such file"),
         (["--weights", weights, "--set", "no_such_key=1", str(good)], "unknown config key 'no_such_key'"),
         (["--weights", weights, "--set", "num_classes=7", str(good)], "in the weights but"),
@@ -148,6 +147,38 @@ def test_detect_bad_inputs_exit_2_and_keep_old_results(tmp_path, model_dir, caps
         rc = main(["detect"] + args)
         assert why in one_line_error(capsys, rc)
     assert (out / "results.json").read_text() == "[]\n"  # the failed run left the old results alone
+
+
+def test_detect_skips_unreadable_inputs_and_writes_the_rest(tmp_path, model_dir, capsys, caplog):
+    inputs = _images(tmp_path / "in", 2)
+    (inputs / "img0000b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "out"
+    rc = main(["detect", "--weights", str(model_dir), "--out", str(out), "--set", "detection_min_confidence=0",
+               str(inputs)])
+    assert rc == 1
+    printed = capsys.readouterr().out
+    assert "skipped 1 unreadable input(s): " in printed and "img0000b.png" in printed.splitlines()[-1]
+    assert any("img0000b.png" in r.getMessage() for r in caplog.records)  # warned as it happened
+    records = json.loads((out / "results.json").read_text())
+    assert {Path(r["file_name"]).name for r in records} == {"img0000.png", "img0001.png"}
+    assert sorted(p.name for p in out.iterdir()) == ["img0000.png", "img0001.png", "results.json"]
+
+
+def test_detect_read_only_output_is_one_error_line(tmp_path, model_dir, capsys):
+    import os
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    good = _images(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("[]\n")
+    out.chmod(0o555)
+    try:
+        rc = main(["detect", "--weights", str(model_dir), "--out", str(out), str(good)])
+        assert "cannot write" in one_line_error(capsys, rc)
+        assert (out / "results.json").read_text() == "[]\n"
+    finally:
+        out.chmod(0o755)
     assert sorted(p.name for p in out.iterdir()) == ["img0000.png", "results.json"]  # no temporary files
 
 

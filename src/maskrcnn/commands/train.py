@@ -99,8 +99,9 @@ def training_data(args):
     dataset = open_annotations(args)
     report = check_loaded(dataset)
     if report.problems:
-        log.warning("%d annotation problem(s) (those annotations are skipped), first: %s; "
-                    "`maskrcnn check-data` lists them all", len(report.problems), report.problems[0])
+        log.warning("data: %d error(s), %d warning(s), first: %s; `maskrcnn check-data` lists them all",
+                    len(report.errors), len(report.warnings), report.problems[0])
+    log.info("data: %s", report.training_summary())
     bad = set(report.bad_image_ids)
     usable = [i for i in range(len(dataset.image_info)) if i not in bad]
     if bad:
@@ -132,6 +133,7 @@ def ap_evaluator(dataset, class_names: list[str], batch_size: int = 4):
 
 
 def run(args) -> int:
+    from ..data.images import IntensityScaling
     from ..engine.checkpoint import load_pretrained
     from ..engine.distributed import cleanup, init_distributed
     from ..engine.trainer import Trainer
@@ -140,6 +142,11 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     train, val, class_names = training_data(args)
     config = build_config(args, len(class_names))
+    scaling = IntensityScaling.from_config(config)
+    for part in (train, val):  # Subset -> TorchDataset -> Dataset: 16-bit images by the config's rule
+        dataset = getattr(getattr(part, "dataset", None), "dataset", None)
+        if dataset is not None:
+            dataset.intensity_scaling = scaling
     info = init_distributed(args.device)
     try:
         out = Path(args.out)

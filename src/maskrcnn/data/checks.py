@@ -2,13 +2,17 @@
 
     report = check_dataset(coco="train.json", images="train/")
     print(report.format())
-    if not report.ok: ...
+    if not report.ok: ...          # errors; report.passed(strict=True) counts warnings too
 
-Found: images that are missing or unreadable, or whose size differs from the annotation's;
-polygons with fewer than 3 points or zero area, or with vertices outside the image; RLE masks
-of the wrong size; masks with no pixels; category ids not among the categories; duplicate image,
-annotation and category ids (and the readers' other tolerated problems, ``Dataset.problems``).
-A file that cannot be read as annotations at all raises :class:`~maskrcnn.errors.DataError`.
+Errors make an image or annotation unusable, and training leaves it out: images that are missing
+or unreadable, or whose size differs from the annotation's; degenerate polygons (fewer than 3
+points, zero area); RLE masks of the wrong size; masks with no pixel inside the image; category
+ids not among the categories; duplicate image and category ids (and the readers' other
+problems, ``Dataset.problems``).  Warnings name a fix that is applied, and the annotation is
+used: a polygon reaching outside the image is clipped to it (annotation tools and COCO itself
+put vertices a fraction of a pixel, or a few pixels, outside); a degenerate part of a polygon
+whose other parts are fine is dropped; a duplicate annotation id is kept.  A file that cannot
+be read as annotations at all raises :class:`~maskrcnn.errors.DataError`.
 """
 from __future__ import annotations
 
@@ -18,10 +22,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DataError
-from .dataset import Dataset, Problem
+from .dataset import ERROR, WARNING, Dataset, Problem
 from .formats import open_dataset
-from .images import read_image
 from .segmentation import form_problem, is_rle, polygon_area, segmentation_to_mask
+
+#: Why training leaves an annotation out, as counted in ``DataReport.skipped``.
+SKIP_UNKNOWN_CATEGORY = "unknown category"
+SKIP_UNUSABLE_SHAPE = "unusable segmentation"
+SKIP_EMPTY = "no pixel inside the image"
+SKIP_UNREADABLE_IMAGE = "image unreadable"
+SKIP_READER = "rejected while reading"
 
 
 @dataclass
@@ -31,8 +41,11 @@ class DataReport:
     class_counts: instances per class name (every class listed, crowd regions included).
     crowd_count: how many of those instances are crowd regions.
     problems: every problem found, in the order found.
-    bad_image_ids: internal ids of the images that cannot be read (missing, corrupt): a
-        trainer leaves these out; unusable annotations are skipped by ``load_mask`` itself.
+    bad_image_ids: internal ids of the images that cannot be used (missing, corrupt, masks of
+        another size): a trainer leaves these out; unusable annotations are skipped by
+        ``load_mask`` itself.
+    skipped: annotations training leaves out, counted by reason (the SKIP_* names).
+    used, clipped: annotations training uses, and how many of them were clipped to the image.
     """
 
     num_images: int = 0
@@ -42,105 +55,160 @@ class DataReport:
     class_counts: dict = field(default_factory=dict)
     problems: list = field(default_factory=list)
     bad_image_ids: list = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    used: int = 0
+    clipped: int = 0
+
+    @property
+    def errors(self) -> list:
+        return [p for p in self.problems if p.severity != WARNING]
+
+    @property
+    def warnings(self) -> list:
+        return [p for p in self.problems if p.severity == WARNING]
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        """No errors (warnings allowed)."""
+        return not self.errors
+
+    def passed(self, strict: bool = False) -> bool:
+        """No errors, and with ``strict`` no warnings either (``check-data --strict``)."""
+        return not self.problems if strict else self.ok
 
     def format(self) -> str:
-        """A human-readable summary: counts per class, then one line per problem."""
+        """A human-readable summary: counts per class, then one line per error and per warning."""
         lines = [f"{self.num_images} images, {self.num_annotations} annotations "
                  f"({self.crowd_count} crowd), {self.images_without_annotations} images without annotations"]
         if self.class_counts:
             width = max(len(name) for name in self.class_counts)
             lines.append(f"{'class':{width}}  instances")
             lines += [f"{name:{width}}  {count}" for name, count in self.class_counts.items()]
-        if self.problems:
-            lines.append(f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}:")
-            lines += [f"  {p}" for p in self.problems]
-        else:
+        for title, found in (("error", self.errors), ("warning", self.warnings)):
+            if found:
+                lines.append(f"{len(found)} {title}{'s' if len(found) != 1 else ''}:")
+                lines += [f"  {p}" for p in found]
+        if not self.problems:
             lines.append("no problems found")
+        lines.append(self.training_summary())
         return "\n".join(lines)
 
+    def training_summary(self) -> str:
+        """One line: what training does with the annotations (used, clipped, left out and why)."""
+        text = f"training uses {self.used} annotations ({self.clipped} clipped to the image)"
+        if self.skipped:
+            reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items(), key=lambda item: (-item[1], item[0])))
+            text += f" and leaves out {sum(self.skipped.values())} ({reasons})"
+        return text
 
-def check_dataset(coco=None, labelme=None, via=None, images=None, class_attribute: str | None = None) -> DataReport:
-    """Read the annotations (arguments as :func:`~maskrcnn.data.formats.open_dataset`) and check
-    them and their images.  Raises DataError only when the annotations cannot be read at all."""
-    return check_loaded(open_dataset(coco=coco, labelme=labelme, via=via, images=images,
-                                     class_attribute=class_attribute))
+
+def check_dataset(**sources) -> DataReport:
+    """Read the annotations (keyword arguments as :func:`~maskrcnn.data.formats.open_dataset`)
+    and check them and their images.  Raises DataError only when they cannot be read at all."""
+    return check_loaded(open_dataset(**sources))
 
 
 def check_loaded(dataset: Dataset) -> DataReport:
-    """Check a prepared Dataset.  Images whose ``image_info`` has ``annotations`` (the readers
-    of this package) are checked annotation by annotation; others (a ported Matterport class
-    with its own ``load_mask``) through ``load_mask``."""
+    """Check a prepared Dataset.  Images whose ``image_info`` has ``annotations`` (the COCO,
+    labelme and VIA readers) are checked annotation by annotation; others (mask images, a
+    ported Matterport class with its own ``load_mask``) through ``load_mask``."""
     report = DataReport(num_images=len(dataset.image_info), problems=list(dataset.problems))
+    report.skipped[SKIP_READER] = sum(1 for p in dataset.problems if p.severity == ERROR and p.where.startswith(
+        ("annotation", "shape", "region")))
     counts: Counter = Counter()
     for image_id, info in enumerate(dataset.image_info):
         shape, readable = _check_image(dataset, image_id, report.problems)
+        if "annotations" in info:
+            class_ids = _check_annotations(dataset, image_id, shape, report)
+        else:
+            class_ids = _check_load_mask(dataset, image_id, shape, report)
+            readable = readable and class_ids is not None
+            class_ids = class_ids or []
         if not readable:
             report.bad_image_ids.append(image_id)
-        if "annotations" in info:
-            class_ids = _check_annotations(dataset, image_id, shape, report.problems)
+            report.skipped[SKIP_UNREADABLE_IMAGE] += len(class_ids)
         else:
-            class_ids = _check_load_mask(dataset, image_id, shape, report.problems)
+            report.used += len(class_ids)
         report.num_annotations += len(class_ids)
         report.crowd_count += sum(1 for c in class_ids if c < 0)
         report.images_without_annotations += not class_ids
         counts.update(abs(c) for c in class_ids)
     report.class_counts = {dataset.class_names[i]: counts[i] for i in range(1, dataset.num_classes)}
+    report.skipped = +report.skipped
     return report
 
 
 def _check_image(dataset: Dataset, image_id: int, problems: list) -> tuple[tuple[int, int] | None, bool]:
     """((height, width), True) of the decoded image, or (the annotated size or None, False) if
-    it cannot be read (then a problem is recorded)."""
+    it cannot be used (then an error is recorded): missing, unreadable, or of another size than
+    the annotations say (their masks would not fit it)."""
     info = dataset.image_info[image_id]
     stated = (int(info["height"]), int(info["width"])) if "height" in info and "width" in info else None
     try:
-        actual = read_image(info["path"]).shape[:2]
+        actual = dataset.load_image(image_id).shape[:2]
     except DataError as e:
         problems.append(Problem(info["path"], "", str(e).removeprefix(f"{info['path']}: ")))
         return stated, False
     if stated is not None and stated != actual:
         problems.append(Problem(info["path"], "", f"annotations say the image is {stated[1]}x{stated[0]} "
                                 f"(width x height) but it is {actual[1]}x{actual[0]}"))
+        return stated, False
     return actual, True
 
 
-def _check_annotations(dataset: Dataset, image_id: int, shape, problems: list) -> list[int]:
+def _check_annotations(dataset: Dataset, image_id: int, shape, report: DataReport) -> list[int]:
     """Check each stored annotation of one image; returns the internal class ids of the
-    annotations whose category is known (negative for crowd)."""
+    annotations that training uses (negative for crowd).  The others are counted in
+    ``report.skipped``."""
     info = dataset.image_info[image_id]
     file = info.get("annotation_file", info["path"])
     class_ids = []
     for ann in info["annotations"]:
-        found = []
-        class_id = dataset.class_from_source_map.get(f"{info['source']}.{ann['category_id']}")
+        class_id = dataset.class_id(image_id, ann["category_id"])
+        found = [] if shape is None else segmentation_problems(ann["segmentation"], *shape)
         if class_id is None:
-            found.append(f"unknown category id {ann['category_id']!r}")
-        else:
-            class_ids.append(-class_id if ann.get("iscrowd") else class_id)
-        if shape is not None:
-            found += segmentation_problems(ann["segmentation"], *shape)
-        problems += [Problem(file, ann["where"], message) for message in found]
+            found.insert(0, (f"unknown category id {ann['category_id']!r}", ERROR))
+        report.problems += [Problem(file, ann["where"], message, severity) for message, severity in found]
+        skip = _skip_reason(class_id, found)
+        if skip:
+            report.skipped[skip] += 1
+            continue
+        report.clipped += any("clipped" in message for message, _ in found)
+        class_ids.append(-class_id if ann.get("iscrowd") else class_id)
     return class_ids
 
 
-def segmentation_problems(segmentation, height: int, width: int) -> list[str]:
-    """What is wrong with one COCO segmentation in a ``height`` x ``width`` image (empty list
-    if nothing): malformed, wrong RLE size, degenerate rings, vertices outside, no pixels."""
+def _skip_reason(class_id, found: list) -> str | None:
+    """Why training leaves an annotation out (None: it is used)."""
+    errors = [message for message, severity in found if severity == ERROR]
+    if class_id is None:
+        return SKIP_UNKNOWN_CATEGORY
+    if any(message.startswith("empty mask") for message in errors):
+        return SKIP_EMPTY
+    return SKIP_UNUSABLE_SHAPE if errors else None
+
+
+def segmentation_problems(segmentation, height: int, width: int) -> list[tuple[str, str]]:
+    """What is wrong with one COCO segmentation in a ``height`` x ``width`` image, as
+    ``(message, severity)`` pairs (empty if nothing): malformed or wrong-size RLE, degenerate
+    rings, vertices outside the image (clipped: a warning), no pixel inside the image."""
     problem = form_problem(segmentation, height, width)
     if problem:
-        return [problem]
-    found = [] if is_rle(segmentation) else polygon_problems(segmentation, height, width)
+        return [(problem, ERROR)]
     try:
         empty = not segmentation_to_mask(segmentation, height, width).any()
     except Exception as e:  # pycocotools rejects malformed RLE counts with assorted errors
-        return found + [f"RLE cannot be decoded ({e})"]
-    if empty and not any(message.startswith("degenerate") for message in found):
-        found.append("empty mask (no pixel inside the image)")
-    return found
+        return [(f"RLE cannot be decoded ({e})", ERROR)]
+    if is_rle(segmentation):
+        return [("empty mask (no pixel inside the image)", ERROR)] if empty else []
+    found = polygon_problems(segmentation, height, width)
+    if empty:
+        degenerate = [(message, ERROR) for message in found if message.startswith("degenerate")]
+        outside = [message.split(" outside the image: ")[1] for message in found if " outside the image: " in message]
+        return degenerate or [("empty mask (no pixel inside the image)" + (f": polygon at {outside[0]}" if outside else ""),
+                               ERROR)]
+    return [(f"{message}; clipped to the image" if " outside " in message else f"{message}; the other parts "
+             "are used", WARNING) for message in found]
 
 
 def polygon_problems(rings: list, height: int, width: int) -> list[str]:
@@ -165,17 +233,30 @@ def polygon_problems(rings: list, height: int, width: int) -> list[str]:
     return found
 
 
-def _check_load_mask(dataset: Dataset, image_id: int, shape, problems: list) -> list[int]:
-    """Check a dataset's own ``load_mask``: mask size and empty masks; returns its class ids."""
+def _check_load_mask(dataset: Dataset, image_id: int, shape, report: DataReport) -> list[int] | None:
+    """Check a dataset's own ``load_mask`` (mask size, empty masks, and the problems of a
+    reader that reports them through ``load_mask_checked``); returns the class ids of the
+    instances training uses, or None if the image's masks cannot be used at all."""
     ref = dataset.image_reference(image_id) or str(dataset.image_info[image_id].get("path", image_id))
+    checked = getattr(dataset, "load_mask_checked", None)
     try:
-        masks, class_ids = dataset.load_mask(image_id)
+        if checked is not None:
+            masks, class_ids, found = checked(image_id)
+            report.problems += found
+            report.skipped[SKIP_READER] += sum(1 for p in found if p.severity == ERROR)
+        else:
+            masks, class_ids = dataset.load_mask(image_id)
     except DataError as e:
-        problems.append(Problem(ref, "", str(e)))
-        return []
-    if masks.shape[2] and shape is not None and masks.shape[:2] != tuple(shape):
-        problems.append(Problem(ref, "", f"masks are {masks.shape[1]}x{masks.shape[0]} (width x height) "
-                                f"but the image is {shape[1]}x{shape[0]}"))
-    for i in np.flatnonzero(~masks.reshape(-1, masks.shape[2]).any(axis=0)) if masks.shape[2] else []:
-        problems.append(Problem(ref, f"instance {i}", "empty mask"))
-    return [int(c) for c in class_ids if 0 < abs(int(c)) < dataset.num_classes]
+        report.problems.append(Problem(ref, "", str(e).removeprefix(f"{ref}: ")))
+        return None
+    if shape is not None and masks.shape[:2] != tuple(shape):
+        report.problems.append(Problem(ref, "", f"masks are {masks.shape[1]}x{masks.shape[0]} (width x height) "
+                                       f"but the image is {shape[1]}x{shape[0]}"))
+        return None
+    empty = np.flatnonzero(~masks.reshape(-1, masks.shape[2]).any(axis=0)) if masks.shape[2] else []
+    for i in empty:
+        report.problems.append(Problem(ref, f"instance {i}", "empty mask"))
+    report.skipped[SKIP_EMPTY] += len(empty)
+    keep = np.ones(len(class_ids), dtype=bool)
+    keep[list(empty)] = False
+    return [int(c) for c, k in zip(class_ids, keep) if k and 0 < abs(int(c)) < dataset.num_classes]

@@ -6,41 +6,37 @@ load with a negative class id (Matterport's convention).  COCO category ids need
 contiguous: they are registered in increasing order as internal ids 1..K, and
 ``dataset.category_ids[internal_id]`` gives the COCO id back for writing results.
 
-Problems that do not stop reading (duplicate ids, annotations of unknown images) are collected
+A category named ``_background_`` (or ``background``) that no annotation uses is the background,
+not a class: labelme's COCO export writes one as category 0.
+
+Every value is checked for type and range before use (:func:`validate_coco`).  Problems that
+do not stop reading (duplicate ids, annotations of unknown images) are collected
 in ``dataset.problems`` for :func:`~maskrcnn.data.checks.check_dataset`; a file that is not
 JSON or lacks the COCO structure raises :class:`~maskrcnn.errors.DataError`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import DataError
-from .dataset import Dataset, Problem
-from .segmentation import rectangle_polygon
+from .dataset import WARNING, Dataset, Problem
+from .records import read_json, require_coordinates, require_id, require_image_size, require_text, show_value
+from .segmentation import rectangle_polygon, validate_segmentation
 
 SOURCE = "coco"
 _REQUIRED = {"images": ("id", "file_name"), "categories": ("id", "name"),
              "annotations": ("id", "image_id", "category_id")}
-
-
-def read_json(path):
-    """Parse the JSON file at ``path``; DataError("<path>: <why>") if missing or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such annotation file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON ({e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+#: Category names that labelme's COCO export (and other tools) give the background; such a
+#: category with no annotations is the background, not a class.
+BACKGROUND_NAMES = ("_background_", "__background__", "background")
 
 
 def validate_coco(data, path) -> None:
-    """Raise DataError unless ``data`` has COCO's structure: lists ``images`` and
-    ``categories`` (and optionally ``annotations``) of objects with their required keys."""
+    """Raise DataError unless ``data`` has COCO's structure and types: lists ``images`` and
+    ``categories`` (and optionally ``annotations``) of objects with their required keys; ids
+    integers or strings; file names and category names strings; image sizes positive
+    integers within the pixel limit; boxes four finite numbers; segmentations as
+    :func:`~maskrcnn.data.segmentation.validate_segmentation` wants them."""
     if not isinstance(data, dict):
         raise DataError(f"{path}: not COCO instance annotations (expected a JSON object)")
     for key, required in _REQUIRED.items():
@@ -56,6 +52,32 @@ def validate_coco(data, path) -> None:
             missing = [k for k in required if k not in entry]
             if missing:
                 raise DataError(f"{path}: {key}[{i}] has no {missing[0]!r}")
+            for k in required:
+                if k != "file_name" and k != "name":
+                    require_id(entry[k], f"{path}: {key}[{i}]: {k!r}")
+    for i, image in enumerate(data["images"]):
+        where = f"{path}: images[{i}]"
+        require_text(image["file_name"], f"{where}: 'file_name'")
+        if "height" in image or "width" in image:
+            require_image_size(image.get("height"), image.get("width"), where)
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat["name"], (str, int)) or isinstance(cat["name"], bool):
+            raise DataError(f"{path}: categories[{i}]: 'name' must be a string, not {show_value(cat['name'])}")
+    for i, ann in enumerate(data.get("annotations", [])):
+        _validate_annotation(ann, f"{path}: annotations[{i}] (id {show_value(ann['id'])})")
+
+
+def _validate_annotation(ann: dict, where: str) -> None:
+    """Types of one annotation's ``iscrowd``, ``bbox`` and ``segmentation`` (stored normalised)."""
+    if ann.get("iscrowd", 0) not in (0, 1):
+        raise DataError(f"{where}: 'iscrowd' must be 0 or 1, not {show_value(ann['iscrowd'])}")
+    if ann.get("bbox") is not None:
+        box = require_coordinates(ann["bbox"], f"{where}: 'bbox'")
+        if len(box) != 4 or box[2] < 0 or box[3] < 0:
+            raise DataError(f"{where}: 'bbox' must be [x, y, width, height] with width, height >= 0, "
+                            f"not {show_value(ann['bbox'])}")
+        ann["bbox"] = box
+    ann["segmentation"] = validate_segmentation(ann.get("segmentation"), where)
 
 
 def annotation_segmentation(ann: dict):
@@ -63,9 +85,17 @@ def annotation_segmentation(ann: dict):
     segmentation = ann.get("segmentation")
     if segmentation:
         return segmentation
-    if ann.get("bbox") and len(ann["bbox"]) == 4:
+    if ann.get("bbox"):
         return [rectangle_polygon(*ann["bbox"])]
     return []
+
+
+def background_categories(data: dict) -> set:
+    """Ids of the categories that stand for the background: named as one (labelme's export
+    writes ``{"id": 0, "name": "_background_"}``) and used by no annotation."""
+    used = {ann["category_id"] for ann in data.get("annotations", [])}
+    return {cat["id"] for cat in data["categories"]
+            if str(cat["name"]).strip().lower() in BACKGROUND_NAMES and cat["id"] not in used}
 
 
 class CocoDataset(Dataset):
@@ -77,7 +107,8 @@ class CocoDataset(Dataset):
         annotation_file, image_dir = Path(annotation_file), Path(image_dir)
         data = read_json(annotation_file)
         validate_coco(data, annotation_file)
-        self._add_categories(data["categories"], annotation_file)
+        background = background_categories(data)
+        self._add_categories([c for c in data["categories"] if c["id"] not in background], annotation_file)
         images = self._index_images(data["images"], image_dir)
         self._add_annotations(data.get("annotations", []), images, annotation_file)
         for entry, annotations in images.values():
@@ -88,13 +119,14 @@ class CocoDataset(Dataset):
     def _add_categories(self, categories: list, annotation_file: Path) -> None:
         seen = {}
         for cat in categories:
+            cat = dict(cat, name=str(cat["name"]))
             if cat["id"] in seen:
                 self.problems.append(Problem(str(annotation_file), f"category {cat['id']}",
                                              f"duplicate category id (names {seen[cat['id']]!r} "
                                              f"and {cat['name']!r})"))
                 continue
             seen[cat["id"]] = cat["name"]
-        for cat_id in sorted(seen):
+        for cat_id in sorted(seen, key=lambda c: (isinstance(c, str), c)):
             self.add_class(SOURCE, cat_id, seen[cat_id])
 
     def _index_images(self, images: list, image_dir: Path) -> dict:
@@ -114,7 +146,8 @@ class CocoDataset(Dataset):
         for ann in annotations:
             where = f"annotation {ann['id']}"
             if ann["id"] in seen_ids:
-                self.problems.append(Problem(str(annotation_file), where, "duplicate annotation id"))
+                self.problems.append(Problem(str(annotation_file), where, "duplicate annotation id (both are used)",
+                                             WARNING))
             seen_ids.add(ann["id"])
             if ann["image_id"] not in images:
                 self.problems.append(Problem(str(annotation_file), where,

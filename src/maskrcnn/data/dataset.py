@@ -34,18 +34,26 @@ import torch
 
 from ..boxes import masks_to_boxes
 from ..errors import DataError
-from .images import image_size, read_image
+from .images import IntensityScaling, image_size, read_image
 from .segmentation import form_problem, segmentation_to_mask
+
+
+#: Problem severities: an error makes an image or annotation unusable (training leaves it out);
+#: a warning names a fix that is applied (a vertex outside the image is clipped) and the
+#: annotation is used.
+ERROR, WARNING = "error", "warning"
 
 
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a dataset: the file it is in, where in that file (an annotation,
-    shape or region, or "" for the file as a whole), and what is wrong."""
+    shape or region, or "" for the file as a whole), what is wrong, and its ``severity``
+    (:data:`ERROR` or :data:`WARNING`)."""
 
     file: str
     where: str
     message: str
+    severity: str = ERROR
 
     def __str__(self) -> str:
         return f"{self.file}: {self.where}: {self.message}" if self.where else f"{self.file}: {self.message}"
@@ -61,6 +69,9 @@ class Dataset:
     problems:   :class:`Problem` s a reader tolerated while loading (duplicate ids, annotations
         of unknown images); :func:`maskrcnn.data.checks.check_dataset` reports them.
     """
+
+    #: How 16/32-bit images become uint8 in :meth:`load_image` (the config's default rule).
+    intensity_scaling = IntensityScaling()
 
     def __init__(self, class_map=None):
         self._image_ids = np.zeros(0, dtype=np.int64)
@@ -121,6 +132,20 @@ class Dataset:
         mapping that writes results back in the source's ids (``Detections.to_coco``)."""
         return [c["id"] for c in self.class_info]
 
+    def class_id(self, image_id: int, category_id) -> int | None:
+        """Internal class id of an annotation's ``category_id`` (the source's own id) in image
+        ``image_id``, or None if that category is not registered."""
+        return self.class_from_source_map.get(f"{self.image_info[image_id]['source']}.{category_id}")
+
+    def add_named_classes(self, source: str, names, key=None) -> dict:
+        """Register the distinct class ``names`` as ids 1..K in sorted order (``key`` as for
+        ``sorted``), for readers whose files name classes rather than number them (labelme,
+        VIA, mask images); returns ``{name: id}``."""
+        ids = {name: i for i, name in enumerate(sorted(set(names), key=key), start=1)}
+        for name, class_id in ids.items():
+            self.add_class(source, class_id, name)
+        return ids
+
     def source_image_link(self, image_id: int) -> str:
         return self.image_info[image_id]["path"]
 
@@ -130,8 +155,10 @@ class Dataset:
 
     # ---- Loading ---------------------------------------------------------------------------
     def load_image(self, image_id: int) -> np.ndarray:
-        """The image as ``[H, W, 3]`` uint8 RGB, EXIF orientation applied (DataError if unusable)."""
-        return read_image(self.image_info[image_id]["path"])
+        """The image as ``[H, W, 3]`` uint8 RGB, EXIF orientation applied, 16/32-bit pixels
+        mapped by ``self.intensity_scaling`` (set it from the model's config:
+        ``IntensityScaling.from_config``); DataError if unusable."""
+        return read_image(self.image_info[image_id]["path"], self.intensity_scaling)
 
     def image_shape(self, image_id: int) -> tuple[int, int]:
         """``(height, width)`` of the image: from ``image_info`` when a reader stored it, else
@@ -156,7 +183,7 @@ class Dataset:
         height, width = self.image_shape(image_id)
         masks, class_ids = [], []
         for ann in info.get("annotations", []):
-            class_id = self.class_from_source_map.get(f"{info['source']}.{ann['category_id']}")
+            class_id = self.class_id(image_id, ann["category_id"])
             if class_id is None or form_problem(ann["segmentation"], height, width):
                 continue
             masks.append(segmentation_to_mask(ann["segmentation"], height, width))

@@ -6,20 +6,31 @@ annotator saw.  Other colour modes are converted to RGB:
 
 * grayscale ``L``, bilevel ``1``, palette ``P``/``PA``, ``LA``, ``RGBA``, ``CMYK``, ``YCbCr``:
   PIL's own conversion; the alpha channel is dropped, as Matterport's ``load_image`` does;
-* 16-bit grayscale (``I;16`` and variants) and 32-bit integer ``I`` holding 0..65535: scaled
-  by 255 / 65535 and rounded, so the full 16-bit range maps onto the full 8-bit range;
-* anything that cannot be mapped to 0..255 without guessing (floating point ``F``, ``I``
-  values outside 0..65535) is rejected with a :class:`~maskrcnn.errors.DataError`.
+* 16-bit grayscale (``I;16`` and variants) and 32-bit integer ``I``: mapped to 0..255 by an
+  :class:`IntensityScaling` (the config's ``image_intensity_range`` and ``intensity_percentiles``).
+  The default, ``percentile``, stretches each image over its own 0.1..99.9 percentile range, as
+  microscopy viewers' auto-contrast does: a 12-bit camera's 0..4095, or a dim 0..235, fills
+  0..255 instead of turning black under 255 / 65535.  ``full`` keeps the fixed rule (0..65535
+  onto 0..255, the same for every image; 32-bit values outside 0..65535 are rejected);
+* floating-point ``F`` images have no defined range and are rejected with a
+  :class:`~maskrcnn.errors.DataError`.
+
+The same function (:func:`read_image`, or :func:`pil_to_rgb` for decoded frames) serves
+training, evaluation and ``detect``, so a model sees a 16-bit image the same way in each.
+Images larger than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused
+from their header, before any pixel is decoded.
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
+from .records import pixel_limit
 
 #: File name suffixes treated as still images when a folder is listed.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
@@ -28,14 +39,52 @@ _SIXTEEN_BIT_MAX = 65535
 _EXIF_ORIENTATION = 0x0112
 
 
-def read_image(path) -> np.ndarray:
-    """The image at ``path`` as ``[H, W, 3]`` uint8 RGB with its EXIF orientation applied.
+@dataclass(frozen=True)
+class IntensityScaling:
+    """How 16- and 32-bit integer pixels become 0..255 (8-bit images are left as they are).
+
+    mode: ``"percentile"``: per image, ``percentiles[0]`` of the pixel values maps to 0 and
+        ``percentiles[1]`` to 255, values beyond are clipped (an image whose percentiles are
+        equal uses its min..max instead; a constant image becomes 0); ``"full"``: value * 255 / 65535.
+    percentiles: (low, high) in 0..100.
+    """
+
+    mode: str = "percentile"
+    percentiles: tuple = (0.1, 99.9)
+
+    @classmethod
+    def from_config(cls, config) -> "IntensityScaling":
+        return cls(config.image_intensity_range, tuple(config.intensity_percentiles))
+
+    def to_uint8(self, gray: np.ndarray, path="image", mode: str = "I") -> np.ndarray:
+        """``[H, W]`` integer pixels as ``[H, W]`` uint8 by this rule (``path`` and the PIL
+        ``mode`` only name the image in errors)."""
+        values = gray.astype(np.float64)
+        if self.mode == "full":
+            if values.size and (values.min() < 0 or values.max() > _SIXTEEN_BIT_MAX):
+                raise DataError(f"{path}: {mode} pixel values span {values.min():g}..{values.max():g}, outside "
+                                f"0..{_SIXTEEN_BIT_MAX}; cannot convert to 8-bit RGB with image_intensity_range=full "
+                                "(use percentile)")
+            return np.rint(values * (255.0 / _SIXTEEN_BIT_MAX)).astype(np.uint8)
+        if not values.size:
+            return np.zeros(gray.shape, dtype=np.uint8)
+        low, high = np.percentile(values, self.percentiles)
+        if high <= low:
+            low, high = values.min(), values.max()
+        if high <= low:
+            return np.zeros(gray.shape, dtype=np.uint8)
+        return np.rint(np.clip((values - low) * (255.0 / (high - low)), 0.0, 255.0)).astype(np.uint8)
+
+
+def read_image(path, scaling: IntensityScaling | None = None) -> np.ndarray:
+    """The image at ``path`` as ``[H, W, 3]`` uint8 RGB with its EXIF orientation applied;
+    16/32-bit pixels mapped to 0..255 by ``scaling`` (default: :class:`IntensityScaling` ()).
 
     Raises DataError("<path>: <why>") when the file is missing, is not an image, is truncated,
-    or has pixel values that cannot be converted to 8-bit RGB.
+    is larger than the pixel limit, or has pixel values that cannot be converted to 8-bit RGB.
     """
     with open_pil_image(path) as img:
-        return pil_to_rgb(img, path)
+        return pil_to_rgb(img, path, scaling)
 
 
 def open_pil_image(path) -> Image.Image:
@@ -53,11 +102,14 @@ def open_pil_image(path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
+            check_pixel_count(img.size, path)
             img.load()
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image file, or an image format PIL cannot read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: image too large ({e}); raise PIL.Image.MAX_IMAGE_PIXELS for genuinely "
+                        "huge images") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: corrupt or truncated image ({e})") from None
     try:
         return ImageOps.exif_transpose(img)
@@ -65,8 +117,18 @@ def open_pil_image(path) -> Image.Image:
         raise DataError(f"{path}: cannot apply the EXIF orientation ({e})") from None
 
 
-def pil_to_rgb(img: Image.Image, path="image") -> np.ndarray:
-    """Convert a decoded PIL image of any supported mode to ``[H, W, 3]`` uint8 RGB.
+def check_pixel_count(size: tuple[int, int], path) -> None:
+    """DataError unless an image of ``size`` (width, height), read from its header, is within
+    the pixel limit: decoding must not be what finds out that it does not fit in memory."""
+    limit = pixel_limit()
+    if limit and size[0] * size[1] > limit:
+        raise DataError(f"{path}: {size[0]}x{size[1]} (width x height) is more than the {limit} pixels "
+                        "allowed (PIL.Image.MAX_IMAGE_PIXELS; raise it for genuinely huge images)")
+
+
+def pil_to_rgb(img: Image.Image, path="image", scaling: IntensityScaling | None = None) -> np.ndarray:
+    """Convert a decoded PIL image of any supported mode to ``[H, W, 3]`` uint8 RGB; 16/32-bit
+    integer pixels by ``scaling`` (default :class:`IntensityScaling` ()).
 
     ``path`` only names the image in error messages.
     """
@@ -74,11 +136,7 @@ def pil_to_rgb(img: Image.Image, path="image") -> np.ndarray:
     if mode == "RGB":
         return np.asarray(img, dtype=np.uint8).copy()
     if mode.startswith("I;16") or mode == "I":
-        gray = np.asarray(img).astype(np.int64)
-        if gray.size and (gray.min() < 0 or gray.max() > _SIXTEEN_BIT_MAX):
-            raise DataError(f"{path}: {mode} pixel values span {gray.min()}..{gray.max()}, "
-                            f"outside 0..{_SIXTEEN_BIT_MAX}; cannot convert to 8-bit RGB")
-        gray8 = np.rint(gray * (255.0 / _SIXTEEN_BIT_MAX)).astype(np.uint8)
+        gray8 = (scaling or IntensityScaling()).to_uint8(np.asarray(img), path, mode)
         return np.repeat(gray8[:, :, None], 3, axis=2)
     if mode == "F":
         raise DataError(f"{path}: floating-point pixels (mode F) have no defined 8-bit range; "
@@ -98,9 +156,12 @@ def image_size(path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             width, height = img.size
+            check_pixel_count(img.size, path)
             orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image file, or an image format PIL cannot read") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image too large ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: corrupt image ({e})") from None
     # Orientations 5..8 are the transposed ones (a rotation by 90 or 270 degrees).

@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 
 from ..errors import DataError
-from .coco import read_json
 from .dataset import Dataset, Problem
+from .records import read_json, require_id, require_image_size, require_points, require_text, show_value
 from .segmentation import ellipse_polygon, rectangle_polygon
 
 SOURCE = "labelme"
@@ -22,17 +22,26 @@ REGION_SHAPES = ("polygon", "rectangle", "circle")
 
 
 def validate_labelme(data, path) -> None:
-    """Raise DataError unless ``data`` looks like a labelme file: an object with ``imagePath``
-    and a list of ``shapes``, each with a ``label`` and a list of ``[x, y]`` points."""
+    """Raise DataError unless ``data`` is a labelme file with usable values: an object with an
+    ``imagePath`` string and a list of ``shapes``, each with a string ``label``, a list of
+    ``[x, y]`` points of finite, sane coordinates, a string ``shape_type`` (or none) and an
+    integer or string ``group_id`` (or none); ``imageHeight`` / ``imageWidth``, when given,
+    positive integers within the pixel limit.  Points are stored back as floats."""
     if not isinstance(data, dict) or not isinstance(data.get("shapes"), list) or "imagePath" not in data:
         raise DataError(f"{path}: not a labelme file (needs 'imagePath' and a 'shapes' list)")
+    require_text(data["imagePath"], f"{path}: 'imagePath'")
+    if data.get("imageHeight") is not None or data.get("imageWidth") is not None:
+        require_image_size(data.get("imageHeight"), data.get("imageWidth"), f"{path}: imageHeight/imageWidth")
     for i, shape in enumerate(data["shapes"]):
-        if not isinstance(shape, dict) or "label" not in shape or not isinstance(shape.get("points"), list):
+        if not isinstance(shape, dict) or "label" not in shape or "points" not in shape:
             raise DataError(f"{path}: shape {i} needs a 'label' and a list of 'points'")
-        for point in shape["points"]:
-            if (not isinstance(point, (list, tuple)) or len(point) != 2
-                    or not all(isinstance(v, (int, float)) for v in point)):
-                raise DataError(f"{path}: shape {i}: point {point!r} is not [x, y]")
+        require_text(shape["label"], f"{path}: shape {i}: 'label'")
+        if shape.get("shape_type") is not None and not isinstance(shape["shape_type"], str):
+            raise DataError(f"{path}: shape {i}: 'shape_type' must be a string, not {show_value(shape['shape_type'])}")
+        if shape.get("group_id") is not None:
+            require_id(shape["group_id"], f"{path}: shape {i}: 'group_id'")
+        flat = require_points(shape["points"], f"{path}: shape {i}")
+        shape["points"] = [flat[k:k + 2] for k in range(0, len(flat), 2)]
 
 
 def shape_ring(shape: dict) -> list[float]:
@@ -89,10 +98,7 @@ class LabelmeDataset(Dataset):
             data = read_json(json_path)
             validate_labelme(data, json_path)
             entries.append((json_path, data))
-        labels = sorted({str(s["label"]) for _, data in entries for s in data["shapes"]})
-        for class_id, label in enumerate(labels, start=1):
-            self.add_class(SOURCE, class_id, label)
-        label_ids = {label: class_id for class_id, label in enumerate(labels, start=1)}
+        label_ids = self.add_named_classes(SOURCE, (s["label"] for _, data in entries for s in data["shapes"]))
         annotated: dict = {}
         for json_path, data in entries:
             image_path = (json_path.parent / str(data["imagePath"]).replace("\\", "/")).resolve()
@@ -102,7 +108,7 @@ class LabelmeDataset(Dataset):
             annotated.setdefault(image_path, json_path)
             annotations = shape_annotations(data["shapes"], json_path, self.problems)
             for ann in annotations:
-                ann["category_id"] = label_ids[str(ann["category_id"])]
+                ann["category_id"] = label_ids[ann["category_id"]]
             extra = ({"height": data["imageHeight"], "width": data["imageWidth"]}
                      if data.get("imageHeight") and data.get("imageWidth") else {})
             self.add_image(SOURCE, image_id=json_path.stem, path=image_path, annotations=annotations,

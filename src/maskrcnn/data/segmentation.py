@@ -10,7 +10,10 @@ function rasterises them all (pycocotools does the work):
   starting with a run of zeros).
 
 Rectangles, circles and ellipses become polygons (:func:`rectangle_polygon`,
-:func:`ellipse_polygon`).
+:func:`ellipse_polygon`).  :func:`validate_segmentation` checks a segmentation read from a file
+(types, finite coordinates, RLE runs that add up to its size) before anything rasterises it:
+pycocotools trusts its input, and a NaN vertex or an RLE with too many runs crashes it.
+Rings that reach outside the image are clipped to it (:func:`clip_ring`) before rasterising.
 """
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ import math
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from ..errors import DataError
+from .records import show_value, is_number, require_coordinates, require_image_size
 
 #: Vertices used to approximate a circle or ellipse.
 ELLIPSE_VERTICES = 64
@@ -42,6 +48,88 @@ def form_problem(segmentation, height: int, width: int) -> str | None:
     return "segmentation is neither a list of polygons nor an RLE"
 
 
+def validate_segmentation(segmentation, where: str):
+    """A segmentation from a file, checked: a list of rings of finite coordinates (see
+    :func:`~maskrcnn.data.records.require_coordinates`), or an RLE whose ``size`` is a sane
+    ``[H, W]`` and whose runs are non-negative and add up to ``H * W``; None or an empty list
+    is returned as ``[]`` (no segmentation).  DataError naming ``where`` otherwise."""
+    if segmentation is None:
+        return []
+    if isinstance(segmentation, list):
+        return [require_coordinates(ring, f"{where}: polygon {k}") for k, ring in enumerate(segmentation)]
+    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        size = segmentation["size"]
+        if not isinstance(size, list) or len(size) != 2:
+            raise DataError(f"{where}: RLE size must be [height, width], not {show_value(size)}")
+        height, width = require_image_size(*size, f"{where}: RLE size")
+        counts = segmentation["counts"]
+        runs = rle_string_counts(counts, where) if isinstance(counts, str) else counts
+        if not isinstance(runs, list) or not all(is_number(c) and c >= 0 and c == int(c) for c in runs):
+            raise DataError(f"{where}: RLE counts must be a string or a list of non-negative integers")
+        if sum(runs) != height * width:
+            raise DataError(f"{where}: RLE runs add up to {sum(runs)} pixels, not {height}x{width} = "
+                            f"{height * width}")
+        return {"size": [height, width], "counts": counts}
+    raise DataError(f"{where}: segmentation must be a list of polygons or an RLE object, not {show_value(segmentation)}")
+
+
+def rle_string_counts(counts: str, where: str) -> list[int]:
+    """The runs of a compressed RLE string (COCO's LEB128-like code, pycocotools' ``rleFrString``).
+
+    Decoded here so that they can be checked before pycocotools, which does not bound them,
+    writes them into a mask."""
+    runs: list[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        value, shift, more = 0, 0, True
+        while more:
+            if p >= n:
+                raise DataError(f"{where}: RLE counts string ends in the middle of a number")
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                raise DataError(f"{where}: RLE counts string has a character outside COCO's code ({counts[p]!r})")
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            p += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def clip_ring(ring: list[float], height: int, width: int) -> list[float]:
+    """The part of the ring ``[x1, y1, ...]`` inside the image ``[0, width] x [0, height]``
+    (Sutherland-Hodgman clipping against each side); the ring itself if it lies inside.
+
+    Clipping keeps the region inside the image exactly, so the rasterised mask is that of the
+    unclipped polygon, while pycocotools, whose work grows with the polygon's perimeter, never
+    walks edges far outside the image."""
+    xy = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
+    if len(xy) < 3 or (xy.min() >= 0 and xy[:, 0].max() <= width and xy[:, 1].max() <= height):
+        return ring
+    points = [tuple(p) for p in xy]
+    for axis, limit, keep_below in ((0, 0.0, False), (0, float(width), True),
+                                    (1, 0.0, False), (1, float(height), True)):
+        inside = (lambda p: p[axis] <= limit) if keep_below else (lambda p: p[axis] >= limit)
+        clipped = []
+        for i, current in enumerate(points):
+            previous = points[i - 1]
+            if inside(current) != inside(previous):
+                t = (limit - previous[axis]) / (current[axis] - previous[axis])
+                crossing = [previous[0] + t * (current[0] - previous[0]), previous[1] + t * (current[1] - previous[1])]
+                crossing[axis] = limit
+                clipped.append(tuple(crossing))
+            if inside(current):
+                clipped.append(current)
+        points = clipped
+        if not points:
+            return []
+    return [float(v) for p in points for v in p]
+
+
 def valid_rings(polygons) -> list[list[float]]:
     """The rings of a polygon segmentation that pycocotools can rasterise: an even number of
     coordinates, at least 3 vertices.  (pycocotools reads a 4-number ring as a box.)"""
@@ -61,7 +149,7 @@ def segmentation_to_mask(segmentation, height: int, width: int) -> np.ndarray:
     """Rasterise a COCO segmentation (polygons, RLE or uncompressed RLE) into ``[H, W]`` bool.
 
     Polygon rings that cannot be rasterised (fewer than 3 vertices) contribute nothing; parts of
-    polygons outside the image are clipped.  ValueError with :func:`form_problem`'s reason for
+    polygons outside the image are clipped (:func:`clip_ring`).  ValueError with :func:`form_problem`'s reason for
     a segmentation of another form or size.
     """
     problem = form_problem(segmentation, height, width)
@@ -72,7 +160,7 @@ def segmentation_to_mask(segmentation, height: int, width: int) -> np.ndarray:
         if isinstance(rle["counts"], list):
             rle = mask_utils.frPyObjects(rle, height, width)
         return mask_utils.decode(rle).astype(bool)
-    rings = valid_rings(segmentation)
+    rings = [r for r in (clip_ring(ring, height, width) for ring in valid_rings(segmentation)) if len(r) >= 6]
     if not rings:
         return np.zeros((height, width), dtype=bool)
     rle = mask_utils.merge(mask_utils.frPyObjects(rings, height, width))

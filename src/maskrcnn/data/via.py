@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from .coco import read_json
 from .dataset import Dataset, Problem
+from .records import read_json, require_coordinates, require_text
 from .segmentation import ellipse_polygon, points_to_ring, rectangle_polygon
 
 SOURCE = "via"
@@ -38,7 +38,8 @@ def via_entries(data, path) -> list[dict]:
             regions = [regions[k] for k in sorted(regions, key=_region_order)]
         if not isinstance(regions, list) or not all(isinstance(r, dict) for r in regions):
             raise DataError(f"{path}: {entry['filename']}: 'regions' must be a list or object of regions")
-        entries.append({"filename": str(entry["filename"]), "regions": regions})
+        entries.append({"filename": require_text(entry["filename"], f"{path}: entry {key!r}: 'filename'"),
+                        "regions": regions})
     return entries
 
 
@@ -46,18 +47,26 @@ def _region_order(key: str):
     return (0, int(key)) if str(key).isdigit() else (1, str(key))
 
 
-def region_ring(shape: dict) -> list[float]:
-    """The ring ``[x1, y1, ...]`` of a VIA ``shape_attributes`` (polygon, rect, circle, ellipse);
-    KeyError/TypeError/ValueError if its attributes are missing or not numbers."""
+def region_ring(shape: dict, where: str = "region") -> list[float]:
+    """The ring ``[x1, y1, ...]`` of a VIA ``shape_attributes`` (polygon, rect, circle, ellipse).
+    KeyError if an attribute is missing; DataError naming ``where`` if one is not a finite
+    number of sane size (:func:`~maskrcnn.data.records.require_coordinates`)."""
     kind = shape["name"]
     if kind == "polygon":
-        return points_to_ring(shape["all_points_x"], shape["all_points_y"])
+        xs = require_coordinates(shape["all_points_x"], f"{where}: all_points_x")
+        ys = require_coordinates(shape["all_points_y"], f"{where}: all_points_y")
+        if len(xs) != len(ys):
+            raise DataError(f"{where}: all_points_x has {len(xs)} values but all_points_y {len(ys)}")
+        return points_to_ring(xs, ys)
+    names = {"rect": ("x", "y", "width", "height"), "circle": ("cx", "cy", "r"),
+             "ellipse": ("cx", "cy", "rx", "ry")}[kind]
+    values = dict(zip(names, require_coordinates([shape[k] for k in names], f"{where}: {kind}")))
     if kind == "rect":
-        return rectangle_polygon(float(shape["x"]), float(shape["y"]), float(shape["width"]), float(shape["height"]))
+        return rectangle_polygon(values["x"], values["y"], values["width"], values["height"])
     if kind == "circle":
-        return ellipse_polygon(float(shape["cx"]), float(shape["cy"]), float(shape["r"]), float(shape["r"]))
-    return ellipse_polygon(float(shape["cx"]), float(shape["cy"]), float(shape["rx"]), float(shape["ry"]),
-                           float(shape.get("theta", 0.0)))
+        return ellipse_polygon(values["cx"], values["cy"], values["r"], values["r"])
+    theta = require_coordinates([shape.get("theta", 0.0)], f"{where}: ellipse theta")[0]
+    return ellipse_polygon(values["cx"], values["cy"], values["rx"], values["ry"], theta)
 
 
 def region_class(attributes: dict, class_attribute: str):
@@ -87,10 +96,7 @@ class ViaDataset(Dataset):
                 continue
             seen[entry["filename"]] = len(images)
             images.append((path, self._region_annotations(entry["regions"], path, class_attribute, default_class)))
-        names = sorted({ann["category_id"] for _, anns in images for ann in anns})
-        class_ids = {name: i for i, name in enumerate(names, start=1)}
-        for name, class_id in class_ids.items():
-            self.add_class(SOURCE, class_id, name)
+        class_ids = self.add_named_classes(SOURCE, (ann["category_id"] for _, anns in images for ann in anns))
         for path, annotations in images:
             for ann in annotations:
                 ann["category_id"] = class_ids[ann["category_id"]]
@@ -101,16 +107,15 @@ class ViaDataset(Dataset):
         for i, region in enumerate(regions):
             where = f"region {i}"
             shape = region.get("shape_attributes") or {}
-            kind = shape.get("name")
+            kind = shape.get("name") if isinstance(shape, dict) else None
             if kind not in REGION_SHAPES:
                 self.problems.append(Problem(str(path), where, f"shape {kind!r} is not a region "
                                              f"(use {', '.join(REGION_SHAPES)}); skipped"))
                 continue
             try:
-                ring = region_ring(shape)
-            except (KeyError, TypeError, ValueError) as e:
-                self.problems.append(Problem(str(path), where, f"{kind} has missing or non-numeric "
-                                             f"attributes ({e}); skipped"))
+                ring = region_ring(shape, f"{path}: {where}")
+            except KeyError as e:
+                self.problems.append(Problem(str(path), where, f"{kind} has no attribute {e}; skipped"))
                 continue
             name = default_class
             if class_attribute:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageSequence
 
 from ..errors import DataError
-from .images import pil_to_rgb, read_image
+from .images import IntensityScaling, check_pixel_count, pil_to_rgb, read_image
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 
@@ -50,17 +50,20 @@ def frame_count(path) -> int:
         return 1
 
 
-def image_frames(path) -> Iterator[np.ndarray]:
+def image_frames(path, scaling: IntensityScaling | None = None) -> Iterator[np.ndarray]:
     """Each frame of an image file: a still image gives one frame, exactly as
     :func:`~maskrcnn.data.images.read_image`; an animated GIF / WebP / TIFF gives each frame
-    (animations carry no EXIF orientation)."""
+    (animations carry no EXIF orientation), 16/32-bit frames mapped by ``scaling`` as
+    ``read_image`` maps them."""
     if frame_count(path) == 1:
-        yield read_image(path)
+        yield read_image(path, scaling)
         return
     with Image.open(path) as img:
+        check_pixel_count(img.size, path)
         try:
             for frame in ImageSequence.Iterator(img):
-                yield pil_to_rgb(frame.convert("RGB"), path)
+                yield pil_to_rgb(frame if frame.mode in ("RGB", "I", "F") or frame.mode.startswith("I;16")
+                                 else frame.convert("RGB"), path, scaling)
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: corrupt animation frame ({e})") from None
 
