@@ -147,6 +147,7 @@ def test_detect_bad_inputs_exit_2_and_keep_old_results(tmp_path, model_dir, caps
         rc = main(["detect"] + args)
         assert why in one_line_error(capsys, rc)
     assert (out / "results.json").read_text() == "[]\n"  # the failed run left the old results alone
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # no temporary files
 
 
 def test_detect_skips_unreadable_inputs_and_writes_the_rest(tmp_path, model_dir, capsys, caplog):
@@ -164,22 +165,23 @@ def test_detect_skips_unreadable_inputs_and_writes_the_rest(tmp_path, model_dir,
     assert sorted(p.name for p in out.iterdir()) == ["img0000.png", "img0001.png", "results.json"]
 
 
-def test_detect_read_only_output_is_one_error_line(tmp_path, model_dir, capsys):
-    import os
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
-    good = _images(tmp_path / "in", 1)
+def test_detect_full_disk_is_one_error_line(tmp_path, model_dir, capsys, monkeypatch):
+    import errno
+
+    import maskrcnn.utils
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    good = _images(tmp_path / "in", 2)
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text("[]\n")
-    out.chmod(0o555)
-    try:
-        rc = main(["detect", "--weights", str(model_dir), "--out", str(out), str(good)])
-        assert "cannot write" in one_line_error(capsys, rc)
-        assert (out / "results.json").read_text() == "[]\n"
-    finally:
-        out.chmod(0o755)
-    assert sorted(p.name for p in out.iterdir()) == ["img0000.png", "results.json"]  # no temporary files
+    monkeypatch.setattr(maskrcnn.utils.os, "replace", no_space)
+    rc = main(["detect", "--weights", str(model_dir), "--out", str(out), str(good)])
+    assert "cannot write (No space left on device)" in one_line_error(capsys, rc)
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # no overlay, no temporary file
+    assert (out / "results.json").read_text() == "[]\n"
 
 
 def test_detect_video_needs_a_decoder(tmp_path, model_dir, capsys):
@@ -248,3 +250,23 @@ def test_evaluate_class_count_mismatch_exit_2(tmp_path, model_dir, capsys):
     via, images = via_sample(tmp_path, 2)
     rc = main(["evaluate", "--weights", str(model_dir), "--via", str(via), "--images", str(images)])
     assert "the model has 4 classes (background included) but the dataset has 2" in one_line_error(capsys, rc)
+
+
+def test_evaluate_skips_an_unreadable_image_and_detect_takes_coco_image_ids(tmp_path, model_dir, capsys):
+    ann, images = coco_sample(tmp_path)
+    out = tmp_path / "det"
+    assert main(["detect", "--weights", str(model_dir), "--out", str(out), "--no-overlays", "--coco", str(ann),
+                 "--set", "detection_min_confidence=0", str(images)]) == 0
+    records = json.loads((out / "results.json").read_text())
+    assert {(Path(r["file_name"]).name, r["image_id"]) for r in records} <= {("rgb.png", 5), ("gray.png", 9),
+                                                                             ("rgba.png", 11)}
+    (images / "gray.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    capsys.readouterr()
+    rc = main(["evaluate", "--weights", str(model_dir), "--coco", str(ann), "--images", str(images),
+               "--out", str(tmp_path / "m.json")])
+    assert rc == 1
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1].startswith("skipped 1 of 3 images") and "gray.png" in printed.splitlines()[-1]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["num_images"] == 2
+    assert {r["image_id"] for r in json.loads((tmp_path / "m_results.json").read_text())} <= {5, 11}

@@ -4,12 +4,15 @@ Inputs are read one batch at a time and nothing is kept after a batch is written
 stays flat over a folder of thousands of images or a long video.  Each overlay is written
 atomically as it is made; the results JSON is streamed into a temporary file that replaces
 ``results.json`` only when every input has been processed, so a failed run never leaves a
-truncated JSON (nor clobbers the previous one).
+truncated JSON (nor clobbers the previous one).  An input that cannot be read is skipped with a
+warning naming it; the others are processed and written, the skipped ones are listed at the
+end, and the exit status is then 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -17,17 +20,22 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import DataError
-from .common import add_model_arguments, batches, load_model, model_class_names, progress
+from .common import add_model_arguments, batches, load_model, model_class_names, output_path, progress
+
+log = logging.getLogger("maskrcnn")
 
 EPILOG = """examples:
   maskrcnn detect --weights run1/model photo.jpg
   maskrcnn detect --weights run1/model --out results/ photos/ more/*.png
   maskrcnn detect --weights run1/model --set detection_min_confidence=0.5 --splash street.mp4
-  maskrcnn detect --weights run1/model --no-overlays --batch-size 4 archive/
+  maskrcnn detect --weights run1/model --no-overlays --coco val.json val/
 
 Writes OUT/<name>.png per image (OUT/<name>_<frame>.png per video frame) and
-OUT/results.json: COCO result records (image_id = input order, category_id = the model's
-class id, bbox [x, y, w, h], RLE segmentation, score) with the file_name (and frame) of each.
+OUT/results.json: COCO result records (image_id, category_id, bbox [x, y, w, h], RLE
+segmentation, score) with the file_name (and frame) of each.  category_id is the dataset's
+category id the model was trained with (COCO's 1..90 for a COCO model), else its class id;
+image_id is the id of the image's file_name in --coco's annotation file, else the input order.
+Unreadable inputs are skipped with a warning and listed at the end (exit status 1).
 Videos need torchcodec or PyAV installed; animated GIFs are read frame by frame with PIL."""
 
 RESULTS_FILE = "results.json"
@@ -50,12 +58,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "and one COCO results JSON for everything.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR_OR_VIDEO")
-    parser.add_argument("--out", default="detections", metavar="DIR", help="output folder (default: detections)")
+    parser.add_argument("--out", type=output_path("--out"), default="detections", metavar="DIR",
+                        help="output folder (default: detections)")
     add_model_arguments(parser)
     style = parser.add_mutually_exclusive_group()
     style.add_argument("--splash", action="store_true",
                        help="write the colour-splash effect (grayscale outside the masks) instead of overlays")
     style.add_argument("--no-overlays", action="store_true", help="write only results.json")
+    parser.add_argument("--coco", metavar="JSON",
+                        help="take each image's image_id from this COCO annotation file (matched by file_name)")
     return parser
 
 
@@ -84,23 +95,55 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return files
 
 
-def iter_frames(files: list[Path], scaling=None) -> Iterator[Frame]:
+def iter_frames(files: list[Path], scaling=None, skipped: list | None = None) -> Iterator[Frame]:
     """Frames of every input, read lazily: one per still image, each frame of a video or an
     animated image (numbered from 0); 16/32-bit images mapped to uint8 by ``scaling``
-    (an :class:`~maskrcnn.data.images.IntensityScaling`, the model config's rule)."""
+    (an :class:`~maskrcnn.data.images.IntensityScaling`, the model config's rule).
+
+    skipped: when given, an input that cannot be read is logged, appended here (its path, and
+    how many frames came before the error for a video) and passed over; else DataError."""
     from ..data.images import read_image
     from ..data.video import frame_count, image_frames, is_video, video_frames
 
     for path in files:
-        if is_video(path):
-            frames = video_frames(path)
-        elif frame_count(path) > 1:
-            frames = image_frames(path, scaling)
-        else:
-            yield Frame(path, None, read_image(path, scaling))
-            continue
-        for index, image in enumerate(frames):
-            yield Frame(path, index, image)
+        index = -1
+        try:
+            if is_video(path):
+                frames = video_frames(path)
+            elif frame_count(path) > 1:
+                frames = image_frames(path, scaling)
+            else:
+                yield Frame(path, None, read_image(path, scaling))
+                continue
+            for index, image in enumerate(frames):
+                yield Frame(path, index, image)
+        except (DataError, OSError) as e:
+            if skipped is None:
+                raise
+            reason = str(e) if isinstance(e, DataError) else f"{path}: {e.strerror or e}"
+            log.warning("skipped %s", reason)
+            skipped.append(f"{path} (after frame {index})" if index >= 0 else str(path))
+
+
+def coco_image_ids(annotation_file, files: list[Path]) -> dict[Path, object]:
+    """The image id of each input in a COCO annotation file, matched by ``file_name`` (its
+    last path components); DataError naming an input the file does not list."""
+    from ..data.coco import read_json, validate_coco
+
+    data = read_json(annotation_file)
+    validate_coco(data, annotation_file)
+    by_name = {}
+    for entry in data["images"]:
+        by_name.setdefault(Path(str(entry["file_name"])).as_posix(), entry["id"])
+        by_name.setdefault(Path(str(entry["file_name"])).name, entry["id"])
+    ids = {}
+    for path in files:
+        parts = path.resolve().parts
+        found = [by_name[k] for k in ("/".join(parts[-n:]) for n in range(len(parts), 0, -1)) if k in by_name]
+        if not found:
+            raise DataError(f"{path}: no image with this file_name in {annotation_file}")
+        ids[path] = found[0]
+    return ids
 
 
 def output_names(files: list[Path]) -> dict[Path, str]:
@@ -121,9 +164,6 @@ def run(args) -> int:
     from ..data.video import is_video
     from ..utils import atomic_write_with
 
-    # "--set k=v photo.jpg": argparse hands photo.jpg to --set; a KEY=VALUE always has "=".
-    args.inputs = args.inputs + [o for o in args.overrides if "=" not in o]
-    args.overrides = [o for o in args.overrides if "=" in o]
     if not args.inputs:
         raise DataError("detect: give at least one image, folder or video")
     files = expand_inputs(args.inputs)
@@ -131,22 +171,28 @@ def run(args) -> int:
     class_names = model_class_names(model)
     scaling = IntensityScaling.from_config(model.config)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     names = output_names(files)
+    image_ids = coco_image_ids(args.coco, files) if args.coco else None
     total = None if any(is_video(p) for p in files) else len(files)
     summary = {"images": 0, "detections": 0}
+    skipped: list[str] = []
 
     def write_results(tmp_path):
         with open(tmp_path, "w", encoding="utf-8") as f:
             f.write("[")
             first = True
-            for batch in batches(progress(iter_frames(files, scaling), total, "detect"), max(1, args.batch_size)):
+            frames = iter_frames(files, scaling, skipped)
+            for batch in batches(progress(frames, total, "detect"), max(1, args.batch_size)):
                 for frame, det in zip(batch, model.detect([fr.image for fr in batch])):
-                    image_id = summary["images"]
+                    image_id = summary["images"] if image_ids is None else image_ids[frame.file]
                     summary["images"] += 1
                     summary["detections"] += len(det)
                     _write_picture(frame, det, out, names, class_names, args)
-                    for record in det.to_coco(image_id):
+                    for record in det.to_coco(image_id, getattr(model, "category_ids", None)):
                         record["file_name"] = str(frame.file)
                         if frame.frame is not None:
                             record["frame"] = frame.frame
@@ -156,6 +202,9 @@ def run(args) -> int:
 
     atomic_write_with(out / RESULTS_FILE, write_results)
     print(f"{summary['detections']} instances in {summary['images']} images; results in {out / RESULTS_FILE}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable input(s): {', '.join(skipped)}")
+        return 1
     return 0
 
 
