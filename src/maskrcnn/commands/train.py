@@ -82,13 +82,14 @@ def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], li
 
 
 def training_data(args):
-    """(train dataset, validation dataset or None, class names) named by the arguments."""
+    """(train dataset, validation dataset or None, class names, the dataset's category id of each
+    class or None) named by the arguments."""
     if args.shapes is not None:
         from ..data.shapes import CLASS_NAMES, ShapesDataset
         if args.shapes < 1:
             raise MaskRCNNError(f"--shapes {args.shapes}: need at least 1 image")
         return (ShapesDataset(args.shapes, seed=args.seed),
-                ShapesDataset(max(10, args.shapes // 10), seed=args.seed + 10_000), list(CLASS_NAMES))
+                ShapesDataset(max(10, args.shapes // 10), seed=args.seed + 10_000), list(CLASS_NAMES), None)
     from torch.utils.data import Subset
 
     from ..data.checks import check_loaded
@@ -112,7 +113,7 @@ def training_data(args):
     train_ids, val_ids = [usable[i] for i in train_ids], [usable[i] for i in val_ids]
     train = Subset(TorchDataset(dataset, build_transforms(train=True)), train_ids)
     val = Subset(TorchDataset(dataset), val_ids) if val_ids else None
-    return train, val, list(dataset.class_names)
+    return train, val, list(dataset.class_names), list(dataset.category_ids)
 
 
 def ap_evaluator(dataset, class_names: list[str], batch_size: int = 4):
@@ -140,7 +141,7 @@ def run(args) -> int:
     from ..model.maskrcnn import MaskRCNN
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    train, val, class_names = training_data(args)
+    train, val, class_names, category_ids = training_data(args)
     config = build_config(args, len(class_names))
     scaling = IntensityScaling.from_config(config)
     for part in (train, val):  # Subset -> TorchDataset -> Dataset: 16-bit images by the config's rule
@@ -153,7 +154,7 @@ def run(args) -> int:
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             config.save(out / "config.yaml")
-        model = MaskRCNN(config, class_names)
+        model = MaskRCNN(config, class_names, category_ids)
         if args.weights and not args.resume:
             load_pretrained(model, args.weights)
         layers = args.layers or ("heads" if args.weights else "all")
