@@ -13,7 +13,7 @@ import maskrcnn
 from maskrcnn import Config
 from maskrcnn import boxes as B
 from maskrcnn.model.detection import detect_boxes
-from maskrcnn.model.preprocess import mold_images
+from maskrcnn.model.preprocess import mold_images, resize_bilinear_uint8, resize_matterport
 from maskrcnn.model.proposals import propose_global
 
 
@@ -48,11 +48,35 @@ def test_config_json_round_trips(cfg):
 
 def test_molding_and_anchors_exact(case, model):
     k, e, batch, metas = case
+    resized, _, _ = resize_matterport(e["image"], "square", 128, 128)
+    np.testing.assert_array_equal(resized, e["resized_image"])
     np.testing.assert_array_equal(batch[0].permute(1, 2, 0).numpy(), e["molded_images"][0].astype(np.float32))
     assert metas[0].window == tuple(e["windows"][0])
     assert metas[0].scale == pytest.approx(float(e["resize_scale"]))
     anchors, _ = model.anchors((128, 128), "cpu")
     np.testing.assert_array_equal(xy(anchors.numpy()), e["anchors"])
+
+
+def test_resize_is_skimage_bit_for_bit():
+    """Our resize against the skimage call Matterport makes, on random images of many sizes and
+    scales (down, up, to 1 pixel), flat regions (exact sums that an ulp would truncate) and
+    images whose minimum is above 0 (skimage's clip).  skimage is not a dependency: runs where
+    it is installed."""
+    transform = pytest.importorskip("skimage.transform")
+    rng = np.random.default_rng(0)
+    for i in range(150):
+        h, w = (int(v) for v in rng.integers(1, 160, 2))
+        scale = float(rng.choice([rng.uniform(0.1, 4.0), 128 / max(h, w), 256 / min(h, w)]))
+        scale = min(scale, 320 / max(h, w))
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        low = int(rng.integers(0, 100))
+        image = rng.integers(low, 256, (h, w, 3), dtype=np.uint8)
+        if i % 3 == 0:
+            image = np.repeat(np.repeat(image[::4, ::4], 4, 0), 4, 1)[:h, :w]
+            image = np.pad(image, [(0, h - image.shape[0]), (0, w - image.shape[1]), (0, 0)], mode="edge")
+        expected = transform.resize(image, size, order=1, mode="constant", cval=0, clip=True,
+                                    preserve_range=True, anti_aliasing=False).astype(np.uint8)
+        np.testing.assert_array_equal(resize_bilinear_uint8(image, *size), expected, err_msg=f"{(h, w)} -> {size}")
 
 
 def test_backbone_and_fpn_features(parity_dir, cfg, model):

@@ -167,3 +167,13 @@ def test_convert_cli_errors(tmp_path, capsys):
     assert main(["convert", "--from", "matterport", str(tmp_path / "junk.h5"), str(tmp_path / "o")]) == 2
     assert "not a readable HDF5" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_matterport_import_names_the_extra_when_h5py_is_missing(tmp_path, capsys, monkeypatch):
+    from maskrcnn.cli import main
+    monkeypatch.setitem(__import__("sys").modules, "h5py", None)  # `import h5py` raises ImportError
+    (tmp_path / "w.h5").write_bytes(b"")
+    assert main(["convert", "--from", "matterport", str(tmp_path / "w.h5"), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'w.h5'}: reading Matterport .h5 weights needs h5py, which is not "
+                   "installed: pip install 'maskrcnn[matterport]'"]

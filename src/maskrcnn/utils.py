@@ -1,6 +1,7 @@
-"""Small helpers shared by the package: atomic file writes."""
+"""Small helpers shared by the package: atomic file writes, optional dependencies."""
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from pathlib import Path
@@ -44,3 +45,15 @@ def atomic_write_with(path, writer) -> None:
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
             raise MaskRCNNError(f"{path}: cannot write ({e.strerror or e})") from None
         raise
+
+
+def import_extra(module: str, extra: str, purpose: str):
+    """Import ``module``, which only the pip extra ``extra`` installs.  When it is missing, raise
+    MaskRCNNError ``<purpose> needs <module>, which is not installed: pip install
+    'maskrcnn[<extra>]'`` (the CLI prints it as its one ``error:`` line)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        from .errors import MaskRCNNError
+        raise MaskRCNNError(f"{purpose} needs {module}, which is not installed: "
+                            f"pip install 'maskrcnn[{extra}]'") from None

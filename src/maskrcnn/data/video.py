@@ -36,7 +36,7 @@ def require_video_backend(path) -> str:
     backend = video_backend()
     if backend is None:
         raise DataError(f"{path}: cannot decode video: no video decoder is installed "
-                        "(pip install torchcodec, or pip install av)")
+                        "(pip install 'maskrcnn[video]', or install torchcodec)")
     return backend
 
 

@@ -10,8 +10,9 @@ Resize modes (``Config.image_resize_mode``), Matterport's four and torchvision's
   normalized float image (``GeneralizedRCNNTransform``); the batch is padded bottom/right to a
   multiple of ``image_size_divisor``.
 
-Matterport's modes resize the uint8 image with skimage (bilinear, zero outside, no anti-aliasing)
-and truncate back to uint8, exactly as ``utils.resize_image`` does, then subtract ``mean_pixel``.
+Matterport's modes resize the uint8 image bilinearly, reading zeros outside it, with no
+anti-aliasing, and truncate back to uint8, as ``utils.resize_image`` does with skimage (reproduced
+bit for bit by :func:`resize_bilinear_uint8`), then subtract ``mean_pixel``.
 """
 from __future__ import annotations
 
@@ -57,6 +58,48 @@ def as_hwc_uint8(image) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
+def _linear_taps(n_in: int, n_out: int):
+    """Sampling along one axis of length ``n_in`` resized to ``n_out``: output pixel k reads input
+    position ``(k + 0.5) * n_in / n_out - 0.5`` (pixel centres), between pixels ``start`` and
+    ``start + 1``.  Returns (start + 1, start + 2) as indices into the axis padded with one zero
+    on each side, and the two weights, in float64 and in the order scipy computes them."""
+    position = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    start = np.floor(position)
+    w0 = 1.0 - (position - start)
+    w1 = 1.0 - w0
+    i0 = start.astype(np.int64) + 1
+    return i0, i0 + 1, w0, w1
+
+
+def resize_bilinear_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of an [H, W, C] uint8 image to [height, width, C] uint8, bit for bit what
+    Matterport's ``utils.resize_image`` gets from ``skimage.transform.resize(image, (height,
+    width), order=1, mode="constant", cval=0, clip=True, preserve_range=True,
+    anti_aliasing=False).astype(np.uint8)``.
+
+    That call is ``scipy.ndimage.zoom(order=1, mode="grid-constant", grid_mode=True)`` in float64:
+    each output is ``((v00*wy0)*wx0 + (v01*wy0)*wx1) + (v10*wy1)*wx0 + (v11*wy1)*wx1`` with input
+    pixels outside the image read as 0, summed in that order (a different order moves values by an
+    ulp, and truncation to uint8 turns an ulp below an integer into one grey level).  skimage then
+    clips to the input's range [min, max], widened down to 0 only when some output is exactly 0;
+    so a border pixel darkened by the zeros outside comes back up to the image's minimum.
+    """
+    y0, y1, wy0, wy1 = _linear_taps(image.shape[0], height)
+    x0, x1, wx0, wx1 = _linear_taps(image.shape[1], width)
+    padded = np.pad(image.astype(np.float64), [(1, 1), (1, 1), (0, 0)])
+    top = padded[y0] * wy0[:, None, None]
+    bottom = padded[y1] * wy1[:, None, None]
+    wx0, wx1 = wx0[None, :, None], wx1[None, :, None]
+    out = top[:, x0] * wx0
+    out += top[:, x1] * wx1
+    out += bottom[:, x0] * wx0
+    out += bottom[:, x1] * wx1
+    low, high = float(image.min()), float(image.max())
+    if low > 0 and (out == 0).any():
+        low = 0.0
+    return np.clip(out, low, high, out=out).astype(np.uint8)
+
+
 def resize_matterport(image: np.ndarray, mode: str, min_dim: int, max_dim: int, min_scale: float = 0):
     """Matterport's ``utils.resize_image`` (modes none, square, pad64).
 
@@ -76,9 +119,7 @@ def resize_matterport(image: np.ndarray, mode: str, min_dim: int, max_dim: int, 
         if round(image_max * scale) > max_dim:
             scale = max_dim / image_max
     if scale != 1:
-        from skimage.transform import resize
-        image = resize(image, (round(h * scale), round(w * scale)), order=1, mode="constant", cval=0,
-                       clip=True, preserve_range=True, anti_aliasing=False).astype(np.uint8)
+        image = resize_bilinear_uint8(image, round(h * scale), round(w * scale))
     h, w = image.shape[:2]
     if mode == "square":
         top, left = (max_dim - h) // 2, (max_dim - w) // 2

@@ -20,6 +20,7 @@ import torch
 
 from ..config import Config
 from ..errors import WeightsError
+from ..utils import import_extra
 
 _BN = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
 _CONV = {"kernel": "weight", "bias": "bias"}
@@ -84,10 +85,9 @@ def convert_tensor(layer: str, param: str, value: np.ndarray) -> tuple[str, torc
 
 def read_matterport_h5(path) -> dict[str, torch.Tensor]:
     """All weights of a Matterport ``.h5`` as a state dict with our names.  Layers this model
-    does not have (none in a standard file) are ignored."""
-    import h5py
-
+    does not have (none in a standard file) are ignored.  Needs h5py (the ``matterport`` extra)."""
     path = Path(path)
+    h5py = import_extra("h5py", "matterport", f"{path}: reading Matterport .h5 weights")
     try:
         f = h5py.File(path, "r")
     except FileNotFoundError:
