@@ -234,3 +234,36 @@ def test_evaluate_equals_pycocotools_on_the_original_file(tmp_path, num_images, 
     assert metrics["segm"]["APs"] is not None and 0.0 < metrics["segm"]["AP"] < 1.0
     printed = capsys.readouterr().out
     assert "AR100" in printed and f"{metrics['segm']['AR100']:.3f}" in printed
+
+
+# ---- Matterport's result dict and dataset ids in results ----------------------------------------
+def test_detections_as_matterport_dict():
+    masks = torch.zeros(2, 6, 8, dtype=torch.bool)
+    masks[0, 1:3, 2:5] = True
+    masks[1, 4:6, 0:1] = True
+    det = Detections(torch.tensor([[2.0, 1, 5, 3], [0, 4, 1, 6]]), torch.tensor([3, 1]), torch.tensor([0.9, 0.4]),
+                     masks)
+    r = det.to_matterport()
+    assert r["rois"].dtype == np.int32 and r["rois"].tolist() == [[1, 2, 3, 5], [4, 0, 6, 1]]  # y1, x1, y2, x2
+    assert r["class_ids"].dtype == np.int32 and r["class_ids"].tolist() == [3, 1]
+    assert r["scores"].dtype == np.float32 and r["masks"].dtype == bool and r["masks"].shape == (6, 8, 2)
+    assert np.array_equal(r["masks"][:, :, 1], masks[1].numpy())
+    assert np.array_equal(det["rois"], r["rois"]) and set(det.keys()) == set(r)
+    empty = Detections.empty(6, 8).to_matterport()
+    assert empty["rois"].shape == (0, 4) and empty["masks"].shape == (6, 8, 0)
+    with pytest.raises(KeyError, match="rois"):
+        det["boxes"]
+
+
+def test_model_keeps_category_ids_and_results_use_them(tmp_path):
+    from test_cli_data import tiny_config
+
+    from maskrcnn import MaskRCNN
+
+    model = MaskRCNN(tiny_config(4), ["BG", "disc", "blob", "ring"], [0, 1, 3, 7])
+    model.save(tmp_path / "m")
+    again = MaskRCNN.load(tmp_path / "m")
+    assert again.category_ids == [0, 1, 3, 7] and again.class_names == ["BG", "disc", "blob", "ring"]
+    det = Detections(torch.tensor([[0, 0, 2, 2.0]]), torch.tensor([3]), torch.tensor([0.5]),
+                     torch.ones(1, 4, 4, dtype=torch.bool))
+    assert det.to_coco(42, again.category_ids)[0]["category_id"] == 7

@@ -22,6 +22,17 @@ def encode_rle(masks: torch.Tensor) -> list[dict]:
     return rles
 
 
+#: The keys of Matterport's ``model.detect`` result dicts.
+MATTERPORT_KEYS = ("rois", "class_ids", "scores", "masks")
+
+
+def log_array(text: str, array) -> None:
+    """Print an array's name, shape, value range and dtype, as Matterport's ``utils.log``."""
+    array = np.asarray(array.detach().cpu() if torch.is_tensor(array) else array)
+    rng = f"min: {array.min():10.5f}  max: {array.max():10.5f}" if array.size else f"min: {'':10}  max: {'':10}"
+    print(f"{text:25}shape: {str(array.shape):20}  {rng}  {array.dtype}")
+
+
 @dataclass
 class Detections:
     """The instances found in one image, in the original image's pixel frame.
@@ -61,6 +72,16 @@ class Detections:
             records.append({"image_id": image_id, "category_id": category, "bbox": [x1, y1, x2 - x1, y2 - y1],
                             "score": float(self.scores[i]), "segmentation": rle})
         return records
+
+    def __getitem__(self, key: str):
+        """Matterport's dict access: ``r["rois"]``, ``r["class_ids"]``, ``r["scores"]``,
+        ``r["masks"]`` (see :meth:`to_matterport`)."""
+        if key not in MATTERPORT_KEYS:
+            raise KeyError(f"{key!r}: a detection result has {', '.join(MATTERPORT_KEYS)}")
+        return self.to_matterport()[key]
+
+    def keys(self):
+        return MATTERPORT_KEYS
 
     def to_matterport(self) -> dict:
         """Matterport's ``model.detect`` result for this image::

@@ -16,7 +16,6 @@ from torch import nn
 
 from .. import boxes as box_ops
 from ..config import Config
-from ..errors import WeightsError
 from ..structures import Detections
 from .anchors import pyramid_anchors, torchvision_strides
 from .backbone import FPN, ResNet
@@ -141,15 +140,22 @@ class MaskRCNN(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
-    def detect(self, images, batch_size: int | None = None) -> list[Detections]:
+    def detect(self, images, verbose: int = 0, batch_size: int | None = None) -> list[Detections]:
         """Detect instances in RGB images.
 
         images: a list of [H, W, 3] uint8 numpy arrays or [3, H, W] uint8 tensors, any sizes.
+        verbose: 1 prints each image's shape and value range, as Matterport's ``detect``.
         batch_size: images per forward pass (default ``config.batch_size``).
-        Returns one :class:`Detections` per image (boxes in original-image pixels, CPU tensors).
+        Returns one :class:`Detections` per image (boxes in original-image pixels, CPU tensors);
+        ``r["rois"]``, ``r["masks"]``... read it as Matterport's dict (``Detections.to_matterport``).
         """
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
             images = [images]
+        if verbose:
+            from ..structures import log_array
+            print(f"Processing {len(images)} images")
+            for image in images:
+                log_array("image", image)
         was_training = self.training
         self.eval()
         try:
@@ -286,18 +292,3 @@ class MaskRCNN(nn.Module):
         "coco" for torchvision's COCO weights (downloaded)."""
         from ..weights.torchvision import load_torchvision
         return load_torchvision(cls, path_or_state_dict, config, class_names)
-
-    def load_state_dict_checked(self, state: dict, source: str) -> None:
-        """load_state_dict that names the layer and both shapes on a mismatch."""
-        own = self.state_dict()
-        for k, v in state.items():
-            if k in own and tuple(own[k].shape) != tuple(v.shape):
-                raise WeightsError(f"{source}: layer {k} has shape {tuple(v.shape)} in the weights but "
-                                   f"{tuple(own[k].shape)} in the model (check num_classes/backbone in the config)")
-        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-        unexpected = [k for k in state if k not in own]
-        if missing or unexpected:
-            raise WeightsError(f"{source}: weights do not fit the model: missing {missing[:5]}"
-                               f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                               f"{'...' if len(unexpected) > 5 else ''}")
-        self.load_state_dict(state, strict=False)
