@@ -157,3 +157,51 @@ def test_unreadable_annotation_file_raises(tmp_path):
 
 def test_box_mask_helper_is_exclusive():
     assert box_mask(4, 4, 1, 3, 0, 2).sum() == 4
+
+
+def labelme_coco_export(root):
+    """What labelme's own COCO export looks like (examples/instance_segmentation of its sdist):
+    category 0 ``_background_`` with no annotations, image ids from 0, float polygons, and one
+    vertex a fraction of a pixel below the image (y = 30.385 in a 30-high image)."""
+    (root / "JPEGImages").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (120, 90, 60)).save(root / "JPEGImages" / "a.jpg")
+    Image.new("RGB", (24, 20), (20, 90, 60)).save(root / "JPEGImages" / "b.jpg")
+    data = {
+        "info": {"description": None}, "licenses": [{"url": None, "id": 0, "name": None}], "type": "instances",
+        "images": [{"license": 0, "url": None, "file_name": "JPEGImages/a.jpg", "height": 30, "width": 40,
+                    "date_captured": None, "id": 0},
+                   {"license": 0, "url": None, "file_name": "JPEGImages/b.jpg", "height": 20, "width": 24,
+                    "date_captured": None, "id": 1}],
+        "categories": [{"supercategory": None, "id": 0, "name": "_background_"},
+                       {"supercategory": None, "id": 1, "name": "person"}, {"supercategory": None, "id": 2, "name": "bus"}],
+        "annotations": [
+            {"id": 0, "image_id": 0, "category_id": 1, "iscrowd": 0, "area": 150.0, "bbox": [2.0, 2.0, 10.0, 15.0],
+             "segmentation": [[2.3, 2.1, 12.1, 2.1, 12.1, 17.2, 2.3, 17.2]]},
+            {"id": 1, "image_id": 0, "category_id": 2, "iscrowd": 0, "area": 300.0, "bbox": [15.0, 18.0, 20.0, 12.0],
+             "segmentation": [[15.705, 18.948, 35.705, 18.948, 35.705, 30.385, 15.705, 30.385]]},
+            {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 40.0, "bbox": [3.0, 3.0, 8.0, 5.0],
+             "segmentation": [[3.0, 3.0, 11.0, 3.0, 11.0, 8.0, 3.0, 8.0]]},
+        ],
+    }
+    return write_json(root / "annotations.json", data), root
+
+
+def test_labelme_coco_export_passes_and_every_instance_trains(tmp_path, capsys):
+    from maskrcnn.cli import main
+
+    ann, images = labelme_coco_export(tmp_path)
+    report = check_dataset(coco=ann, images=images)
+    assert report.ok and not report.passed(strict=True)
+    assert [str(p) for p in report.warnings] == [
+        f"{images / 'JPEGImages' / 'a.jpg'}: annotation 1: polygon outside the image: x 15.705..35.705, "
+        "y 18.948..30.385 in a 40x30 image; clipped to the image"]
+    assert report.class_counts == {"person": 2, "bus": 1} and report.used == 3 and report.clipped == 1
+    ds = read_coco(ann, images)
+    assert ds.class_names == ["BG", "person", "bus"]
+    assert sum(len(TorchDataset(ds)[i][1]["labels"]) for i in range(2)) == 3
+    _, target = TorchDataset(ds)[0]
+    assert target["boxes"][1].tolist() == [16, 19, 36, 30]     # reaches the bottom row, clipped there
+    assert main(["check-data", "--coco", str(ann), "--images", str(images)]) == 0
+    assert main(["check-data", "--coco", str(ann), "--images", str(images), "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "1 warning:" in out and "training uses 3 annotations (1 clipped to the image)" in out

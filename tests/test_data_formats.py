@@ -1,4 +1,6 @@
 """Dataset API, COCO / labelme / VIA readers, the torch view and the transforms."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -180,7 +182,57 @@ def test_via2_project_file(tmp_path):
     import json
     project = {"_via_settings": {}, "_via_img_metadata": json.loads(path.read_text()), "_via_attributes": {}}
     write_json(tmp_path / "project.json", project)
-    assert len(read_via(tmp_path / "project.json", images).image_info) == 2
+    ds = read_via(tmp_path / "project.json", images, class_attribute="kind")
+    assert len(ds.image_info) == 2 and ds.class_names == ["BG", "blue", "red"]
+    assert ds.load_mask(0)[1].tolist() == [2, 1, 2, 1] and ds.load_mask(1)[1].tolist() == []
+
+
+def test_labelme_coco_background_category_is_not_a_class(tmp_path):
+    """labelme's COCO export lists {"id": 0, "name": "_background_"}, used by no annotation."""
+    ann, images = coco_sample(tmp_path)
+    data = json.loads(ann.read_text())
+    data["categories"].insert(0, {"id": 0, "name": "_background_", "supercategory": None})
+    write_json(ann, data)
+    ds = read_coco(ann, images)
+    assert ds.class_names == ["BG", "cat", "dog", "bird"] and ds.category_ids == [0, 7, 18, 42]
+    # A category named so that annotations do use is a class.
+    data["annotations"][0]["category_id"] = 0
+    write_json(ann, data)
+    assert read_coco(ann, images).class_names == ["BG", "_background_", "cat", "dog", "bird"]
+
+
+def test_polygons_far_outside_the_image_are_clipped():
+    from pycocotools import mask as mask_utils
+
+    from maskrcnn.data.segmentation import clip_ring
+    ring = [-30.0, -10.0, 50.0, -10.0, 50.0, 35.385, -30.0, 35.385]
+    clipped = clip_ring(ring, 30, 40, margin=0.0)
+    assert sorted(zip(clipped[::2], clipped[1::2])) == [(0, 0), (0, 30), (40, 0), (40, 30)]
+    assert clip_ring(ring, 30, 40) is ring          # within the default margin (the longer side): as it is
+    assert clip_ring([50.0, 50.0, 60.0, 50.0, 60.0, 60.0], 30, 40, margin=0.0) == []
+    # Rings reaching far out, concave ones too: the mask is pycocotools' mask of the unclipped
+    # ring up to the 1/5-pixel rounding of the new vertices (a pixel or so along an edge).
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        ring = rng.uniform(-200, 300, 14).tolist()
+        reference = mask_utils.decode(mask_utils.frPyObjects([ring], 30, 40))[:, :, 0].astype(bool)
+        assert (segmentation_to_mask([ring], 30, 40) != reference).sum() <= 12
+    # A vertex at 1e6 costs no more than one inside the image.
+    huge = [5.0, 5.0, 1e6, 5.0, 1e6, 20.0, 5.0, 20.0]
+    assert segmentation_to_mask([huge], 30, 40)[5:20, 5:].all()
+
+
+def test_rle_string_runs_decoded_as_pycocotools_does():
+    from pycocotools import mask as mask_utils
+
+    from maskrcnn.data.segmentation import rle_string_counts
+    mask = np.zeros((30, 40), np.uint8)
+    mask[3:20, 5:37] = 1
+    mask[25:, :3] = 1
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    runs = rle_string_counts(rle["counts"].decode(), "x")
+    assert sum(runs) == 30 * 40
+    assert mask_utils.decode(mask_utils.frPyObjects({"size": [30, 40], "counts": runs}, 30, 40)).tolist() == mask.tolist()
 
 
 # ---- open_dataset ---------------------------------------------------------------------------------

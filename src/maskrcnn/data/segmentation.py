@@ -100,19 +100,23 @@ def rle_string_counts(counts: str, where: str) -> list[int]:
     return runs
 
 
-def clip_ring(ring: list[float], height: int, width: int) -> list[float]:
-    """The part of the ring ``[x1, y1, ...]`` inside the image ``[0, width] x [0, height]``
-    (Sutherland-Hodgman clipping against each side); the ring itself if it lies inside.
+def clip_ring(ring: list[float], height: int, width: int, margin: float | None = None) -> list[float]:
+    """The part of the ring ``[x1, y1, ...]`` inside ``[-margin, width + margin] x [-margin,
+    height + margin]`` (Sutherland-Hodgman clipping against each side); the ring itself if it
+    lies inside.  ``margin`` defaults to the image's longer side.
 
-    Clipping keeps the region inside the image exactly, so the rasterised mask is that of the
-    unclipped polygon, while pycocotools, whose work grows with the polygon's perimeter, never
-    walks edges far outside the image."""
+    pycocotools' work grows with a polygon's perimeter, so a vertex at 1e6 would cost gigabytes;
+    clipped, the ring is the same polygon within the image (its mask differs at most where
+    pycocotools rounds the new vertices to 1/5 pixel), and a ring reaching a little outside the
+    image, as annotation tools' rings do, is left exactly as it is."""
+    margin = float(max(height, width)) if margin is None else margin
     xy = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
-    if len(xy) < 3 or (xy.min() >= 0 and xy[:, 0].max() <= width and xy[:, 1].max() <= height):
+    if len(xy) < 3 or (xy.min() >= -margin and xy[:, 0].max() <= width + margin
+                       and xy[:, 1].max() <= height + margin):
         return ring
     points = [tuple(p) for p in xy]
-    for axis, limit, keep_below in ((0, 0.0, False), (0, float(width), True),
-                                    (1, 0.0, False), (1, float(height), True)):
+    for axis, limit, keep_below in ((0, -margin, False), (0, width + margin, True),
+                                    (1, -margin, False), (1, height + margin, True)):
         inside = (lambda p: p[axis] <= limit) if keep_below else (lambda p: p[axis] >= limit)
         clipped = []
         for i, current in enumerate(points):
