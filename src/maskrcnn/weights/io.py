@@ -10,7 +10,8 @@ import torch
 
 from ..config import Config, ConfigError
 from ..errors import WeightsError
-from ..utils import atomic_write_bytes, atomic_write_with
+from ..utils import atomic_write_bytes
+from .matching import load_state_exact
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -80,5 +81,5 @@ def load_model(cls, path, map_location="cpu", config: Config | None = None):
         if category_ids is not None and (not isinstance(category_ids, list) or len(category_ids) != config.num_classes):
             raise WeightsError(f"{meta}: category_ids must list one id per class ({config.num_classes})")
     model = cls(config, class_names, category_ids)
-    model.load_state_dict_checked(read_weights(weights), str(weights))
+    load_state_exact(model, read_weights(weights), str(weights))
     return model.to(map_location).eval()

@@ -21,6 +21,7 @@ import torch
 from ..config import Config
 from ..errors import WeightsError
 from ..utils import import_extra
+from .matching import load_state_exact
 
 _BN = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
 _CONV = {"kernel": "weight", "bias": "bias"}
@@ -135,5 +136,5 @@ def load_matterport(cls, h5_path, config: Config | None = None, class_names=None
     state = read_matterport_h5(h5_path)
     config = infer_config(state, config)
     model = cls(config, class_names)
-    model.load_state_dict_checked(state, str(h5_path))
+    load_state_exact(model, state, str(h5_path))
     return model.eval()

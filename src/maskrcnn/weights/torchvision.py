@@ -14,6 +14,7 @@ import torch
 from ..config import Config
 from ..errors import WeightsError
 from .io import read_weights
+from .matching import load_state_exact
 
 _RULES = [
     (r"backbone\.body\.(.*)", r"backbone.\1"),
@@ -89,5 +90,5 @@ def load_torchvision(cls, path_or_state_dict, config: Config | None = None, clas
     # torchvision's class id is the COCO category id itself: the table is the identity.
     category_ids = list(range(num_classes)) if names is not None and len(names) == num_classes else None
     model = cls(config, class_names or names, category_ids)
-    model.load_state_dict_checked(ours, source)
+    load_state_exact(model, ours, source)
     return model.eval()
