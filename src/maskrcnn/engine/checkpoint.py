@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import MaskRCNNError, WeightsError
-from ..utils import atomic_write_bytes, atomic_write_with
+from ..errors import WeightsError
+from ..utils import atomic_write_with
 from ..weights.matching import load_state_partial
 
 log = logging.getLogger(__name__)
@@ -152,52 +152,6 @@ def _read_state_dict(source) -> dict:
         return source["model"] if "model" in source and "step" in source else source
     from ..weights.io import WEIGHTS_FILE, read_weights
     path = Path(source)
-# ---- model folders ---------------------------------------------------------------------------
-def save_model_folder(model: torch.nn.Module, folder, files: dict | None = None) -> Path:
-    """Write ``model`` (``model.save``'s layout, or ``model.safetensors`` for another module)
-    and ``files`` ({name: JSON value}) into ``folder``, replacing it as a whole: everything is
-    written into a hidden sibling ``.<name>.new`` first, then swapped in by renames, so a
-    reader (or a kill) never finds a half-written model; :func:`recover_model_folder` mends
-    the one moment between the two renames.  Raises MaskRCNNError on a full disk or an
-    unwritable folder (the earlier ``folder`` stays)."""
-    folder = Path(folder)
-    new, old = folder.parent / f".{folder.name}.new", folder.parent / f".{folder.name}.old"
-    try:
-        shutil.rmtree(new, ignore_errors=True)
-        new.mkdir(parents=True)
-        if hasattr(model, "save"):
-            model.save(new)
-        else:
-            from safetensors.torch import save
-            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            atomic_write_bytes(new / "model.safetensors", save(state))
-        for name, value in (files or {}).items():
-            atomic_write_bytes(new / name, (json.dumps(value, indent=1) + "\n").encode())
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(new, folder)
-    except OSError as e:
-        shutil.rmtree(new, ignore_errors=True)
-        raise MaskRCNNError(f"{folder}: cannot write ({e.strerror or e})") from None
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def recover_model_folder(folder) -> None:
-    """Finish or undo a :func:`save_model_folder` that was killed: the previous model comes back
-    if the new one was not yet in place; a half-written ``.new`` is removed."""
-    folder = Path(folder)
-    new, old = folder.parent / f".{folder.name}.new", folder.parent / f".{folder.name}.old"
-    if not folder.exists() and old.is_dir():
-        os.replace(old, folder)
-    for stale in (new, old):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
     return read_weights(path / WEIGHTS_FILE if path.is_dir() else path)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..errors import WeightsError
-from ..utils import atomic_write_bytes
+from ..utils import atomic_write_bytes, atomic_write_with
 from .matching import load_state_exact
 
 WEIGHTS_FILE = "model.safetensors"
