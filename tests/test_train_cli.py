@@ -15,11 +15,12 @@ SMALL = ["backbone=resnet18", "backbone_style=pytorch", "image_min_dim=64", "ima
          "fpn_classif_fc_layers_size=64", "mask_head_channels=32", "train_rois_per_image=16",
          "post_nms_rois_training=100", "post_nms_rois_inference=50", "images_per_gpu=2",
          "train_bn=true", "learning_rate=0.005", "warmup_steps=2"]
+SET_SMALL = [a for kv in SMALL for a in ("--set", kv)]  # one KEY=VALUE per --set
 
 
 def _train(out, *extra):
     return main(["train", "--shapes", "8", "--out", str(out), "--workers", "0", "--device", "cpu",
-                 "--checkpoint-every", "2", "--set", *SMALL, *extra])
+                 "--checkpoint-every", "2", *SET_SMALL, *extra])
 
 
 def test_train_then_resume_then_load(tmp_path, capsys):
@@ -35,7 +36,7 @@ def test_train_then_resume_then_load(tmp_path, capsys):
     # fine-tuning from it to another class count re-initialises the class layers only
     other = tmp_path / "other"
     assert main(["train", "--shapes", "8", "--out", str(other), "--workers", "0", "--device", "cpu",
-                 "--steps", "1", "--weights", str(tmp_path / "model"), "--set", *SMALL]) == 0
+                 "--steps", "1", "--weights", str(tmp_path / "model"), *SET_SMALL]) == 0
 
 
 def test_train_on_coco_leaves_out_a_missing_image(tmp_path, capsys, caplog):
@@ -47,7 +48,7 @@ def test_train_on_coco_leaves_out_a_missing_image(tmp_path, capsys, caplog):
     (images / "rgba.png").unlink()
     with caplog.at_level("WARNING", logger="maskrcnn"):
         assert main(["train", "--coco", str(ann), "--images", str(images), "--out", str(tmp_path / "run"),
-                     "--workers", "0", "--device", "cpu", "--steps", "2", "--set", *SMALL]) == 0
+                     "--workers", "0", "--device", "cpu", "--steps", "2", *SET_SMALL]) == 0
     assert "1 missing or unreadable image(s) left out of training" in caplog.text
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
@@ -62,7 +63,7 @@ def test_train_without_data_is_one_line_error(tmp_path, capsys):
 def test_torchrun_two_processes(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "maskrcnn.cli", "train", "--shapes", "8",
-           "--out", str(tmp_path), "--workers", "0", "--device", "cpu", "--steps", "2", "--set", *SMALL]
+           "--out", str(tmp_path), "--workers", "0", "--device", "cpu", "--steps", "2", *SET_SMALL]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

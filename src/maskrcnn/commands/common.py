@@ -1,10 +1,126 @@
-"""Arguments and steps shared by the data-facing commands (check-data, evaluate, detect)."""
+"""Arguments and steps shared by the commands.
+
+``add_config_arguments`` gives a command ``--config FILE``, ``--set KEY=VALUE`` (repeatable: one
+KEY=VALUE per ``--set``), ``--device`` and ``--seed``; ``config_from_args`` turns them into a
+Config.  The argument types below check their value while the command line is parsed, so a bad
+``--device``, ``--out`` or count ends as one ``error:`` line before any work starts.
+"""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from ..errors import MaskRCNNError
+
+
+# ---- Config, device, seed ------------------------------------------------------------------------
+def add_config_arguments(parser: argparse.ArgumentParser, *, config_help: str | None = None,
+                         device: bool = True, seed: bool = False) -> None:
+    """--config (when ``config_help`` is given), --set, --device and --seed, as
+    :func:`config_from_args` and the commands read them."""
+    group = parser.add_argument_group("config")
+    if config_help:
+        group.add_argument("--config", metavar="FILE", help=config_help)
+    group.add_argument("--set", dest="overrides", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                       help="override one config value (YAML syntax); repeat for more: "
+                            "--set learning_rate=0.002 --set rpn_anchor_scales=[16,32,64,128,256]")
+    if device:
+        group.add_argument("--device", type=device_name, metavar="DEVICE",
+                           help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    if seed:
+        group.add_argument("--seed", type=at_least(0), default=0, metavar="N", help="random seed (default 0)")
+
+
+def config_from_args(args, default=None, saved=None):
+    """The command's Config: ``saved`` (a run's own config file, which wins when resuming), else
+    --config's file, else ``default`` (a Config or a config file; Matterport's defaults when
+    None); then each --set in order.  ConfigError names the file or key that is wrong."""
+    from ..config import Config
+
+    if saved is not None:
+        config = Config.load(saved)
+    elif getattr(args, "config", None):
+        config = Config.load(args.config)
+    elif default is None or isinstance(default, Config):
+        config = default or Config()
+    else:
+        config = Config.load(default)
+    return config.with_overrides(args.overrides)
+
+
+def key_value(text: str) -> str:
+    """argparse type of --set: one KEY=VALUE."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r} (one KEY=VALUE per --set)")
+    return text
+
+
+def device_name(text: str) -> str:
+    """argparse type of --device: a device this machine has (cpu, cuda, cuda:N, mps)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise MaskRCNNError(f"--device {text}: not a device (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MaskRCNNError(f"--device {text}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MaskRCNNError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MaskRCNNError(f"--device {text}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise MaskRCNNError(f"--device {text}: not supported (cpu, cuda or cuda:N)")
+    return text
+
+
+# ---- Other checked argument types ---------------------------------------------------------------
+def at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+    return integer
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def output_path(option: str, folder: bool = True):
+    """argparse type of an output path (``option`` names it in errors): a folder (or a file when
+    ``folder`` is False) that may not exist yet, but not a file where a folder goes, a folder
+    where a file goes, nor under a file.  Nothing is created here."""
+    def output(text: str) -> Path:
+        path = Path(text)
+        absolute = path.absolute()
+        existing = next(p for p in (absolute, *absolute.parents) if p.exists())
+        if existing == absolute and folder and not path.is_dir():
+            raise MaskRCNNError(f"{option} {text}: is a file, not a folder")
+        if existing == absolute and not folder and path.is_dir():
+            raise MaskRCNNError(f"{option} {text}: is a folder; give a file name")
+        if existing != absolute and not existing.is_dir():
+            raise MaskRCNNError(f"{option} {text}: {existing} is a file, not a folder")
+        return path
+    return output
+
+
+# ---- Annotations and models ---------------------------------------------------------------------
 
 
 def add_annotation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,15 +156,13 @@ def open_annotations(args):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, weights_required: bool = True) -> None:
-    """--weights, --config, --set, --device, --batch-size."""
+    """--weights, --batch-size, and --config, --set, --device (:func:`add_config_arguments`)."""
     group = parser.add_argument_group("model")
     group.add_argument("--weights", required=weights_required, metavar="PATH",
                        help="a model folder written by MaskRCNN.save (train, convert)")
-    group.add_argument("--config", metavar="YAML", help="config to use instead of the one saved with the weights")
-    group.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                       help="override config values, e.g. --set detection_min_confidence=0.5 detection_max_instances=50")
-    group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    group.add_argument("--batch-size", type=int, default=1, metavar="N", help="images per forward pass (default 1)")
+    group.add_argument("--batch-size", type=at_least(1), default=1, metavar="N",
+                       help="images per forward pass (default 1)")
+    add_config_arguments(parser, config_help="config to use instead of the one saved with the weights")
 
 
 def load_model(args):
@@ -57,7 +171,6 @@ def load_model(args):
     weights that do not fit the config."""
     import torch
 
-    from ..config import Config
     from ..model.maskrcnn import MaskRCNN
     from ..weights.io import CONFIG_FILE
 
@@ -67,13 +180,8 @@ def load_model(args):
     config = None
     if args.config or args.overrides:
         folder = weights if weights.is_dir() else weights.parent
-        config_path = Path(args.config) if args.config else folder / CONFIG_FILE
-        config = Config.load(config_path).with_overrides(args.overrides)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise MaskRCNNError(f"--device {args.device}: {e}") from None
+        config = config_from_args(args, default=folder / CONFIG_FILE)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return MaskRCNN.load(weights, map_location=device, config=config)
 
 

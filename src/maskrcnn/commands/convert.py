@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_config_arguments, config_from_args, output_path
+
 EPILOG = """examples:
   # Matterport's COCO weights (ResNet-101, 81 classes)
   maskrcnn convert --from matterport mask_rcnn_coco.h5 coco_model --set num_classes=81
@@ -26,12 +28,10 @@ def add_parser(subparsers):
     p.add_argument("--from", dest="source", required=True, choices=("matterport", "torchvision"),
                    help="where the weights come from")
     p.add_argument("src", metavar="SRC", help='weights file (.h5 / .pth), or "coco" for torchvision\'s COCO weights')
-    p.add_argument("dst", metavar="DST", help="output folder")
-    p.add_argument("--config", metavar="YAML", help="the config the weights were trained with "
-                   "(default: Matterport's defaults with backbone and num_classes read from the file, "
-                   "or the torchvision preset)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    p.add_argument("dst", metavar="DST", type=output_path("DST"), help="output folder")
+    add_config_arguments(p, config_help="the config the weights were trained with (default: Matterport's defaults "
+                         "with backbone and num_classes read from the file, or the torchvision preset)",
+                         device=False)
     p.add_argument("--class-names", metavar="NAMES", help="comma-separated class names, background first")
     return p
 
@@ -41,11 +41,8 @@ def run(args) -> int:
     from ..model.maskrcnn import MaskRCNN
 
     config = None
-    if args.config:
-        config = Config.load(args.config)
-    if args.overrides:
-        base = config or (Config.preset("torchvision") if args.source == "torchvision" else Config())
-        config = base.with_overrides(args.overrides)
+    if args.config or args.overrides:
+        config = config_from_args(args, default=Config.preset("torchvision") if args.source == "torchvision" else None)
     names = args.class_names.split(",") if args.class_names else None
     if args.source == "matterport":
         model = MaskRCNN.from_matterport(args.src, config, names)

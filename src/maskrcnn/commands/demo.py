@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..errors import MaskRCNNError
+from .common import add_config_arguments, at_least, config_from_args, output_path, positive_number
 
 log = logging.getLogger("maskrcnn")
 
@@ -55,14 +55,12 @@ def add_parser(subparsers):
     p = subparsers.add_parser("demo", help="train on built-in shapes and show the results",
                               description="Train Mask R-CNN from scratch on built-in synthetic shapes within a time budget, evaluate it on held-out shapes and draw its detections.", epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--minutes", type=float, default=10.0, metavar="M", help="time budget (default 10)")
-    p.add_argument("--steps", type=int, default=100_000, metavar="N",
+    p.add_argument("--out", required=True, type=output_path("--out"), metavar="DIR", help="output folder")
+    p.add_argument("--minutes", type=positive_number, default=10.0, metavar="M", help="time budget (default 10)")
+    p.add_argument("--steps", type=at_least(1), default=100_000, metavar="N",
                    help="stop after N steps if the time budget allows more (default: as many as fit)")
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="change the demo's config, e.g. --set backbone=resnet34 images_per_gpu=2")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    add_config_arguments(p, config_help="config file instead of the demo's (demo_config: a small model for 2 "
+                         "CPU cores); --set changes single values, e.g. --set backbone=resnet34", seed=True)
     return p
 
 
@@ -84,15 +82,13 @@ def run(args) -> int:
     from ..model.maskrcnn import MaskRCNN
     from .train import ap_evaluator
 
-    if args.minutes <= 0:
-        raise MaskRCNNError(f"--minutes {args.minutes}: must be positive")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = init_distributed(args.device)
     torch.manual_seed(args.seed)
-    config = demo_config(len(CLASS_NAMES)).with_overrides(args.overrides)
+    config = config_from_args(args, default=demo_config(len(CLASS_NAMES)))
     model = MaskRCNN(config, list(CLASS_NAMES))
     train = ShapesDataset(TRAIN_IMAGES, seed=args.seed)
     held_out = ShapesDataset(HELD_OUT_IMAGES, seed=HELD_OUT_SEED)

@@ -8,7 +8,8 @@ import logging
 from pathlib import Path
 
 from ..errors import DataError, MaskRCNNError
-from .common import add_annotation_arguments, add_model_arguments, batches, load_model, open_annotations, progress
+from .common import (add_annotation_arguments, add_model_arguments, at_least, batches, load_model, open_annotations,
+                     output_path, progress)
 
 log = logging.getLogger("maskrcnn")
 
@@ -39,8 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_model_arguments(parser, weights_required=False)
     parser.add_argument("--results", metavar="JSON",
                         help="score this COCO results file (from detect, or any tool) instead of running a model")
-    parser.add_argument("--out", metavar="JSON", help="write the metrics here, with the PR plot and results beside")
-    parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images")
+    parser.add_argument("--out", type=output_path("--out", folder=False), metavar="JSON",
+                        help="write the metrics here, with the PR plot and results beside")
+    parser.add_argument("--limit", type=at_least(1), metavar="N", help="evaluate only the first N images")
     return parser
 
 

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from ..errors import MaskRCNNError
-from .common import add_annotation_arguments
+from .common import add_annotation_arguments, add_config_arguments, at_least, config_from_args, output_path
 
 log = logging.getLogger("maskrcnn")
 
@@ -25,29 +25,26 @@ metrics.jsonl and tb/ (TensorBoard), config.yaml and, at the end, model/ (MaskRC
 def add_parser(subparsers):
     p = subparsers.add_parser("train", help="train a model", description="Train or fine-tune Mask R-CNN on COCO, labelme or VIA annotations, or on built-in shapes.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoints, logs, final model)")
-    p.add_argument("--config", metavar="YAML", help="config file (default: Matterport defaults)")
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config values, e.g. --set learning_rate=0.002 images_per_gpu=1")
+    p.add_argument("--out", required=True, type=output_path("--out"), metavar="DIR",
+                   help="run folder (checkpoints, logs, final model)")
+    add_config_arguments(p, config_help="config file, YAML or JSON (default: Matterport's defaults)", seed=True)
     add_annotation_arguments(p)
-    p.add_argument("--shapes", type=int, metavar="N", help="train on N built-in synthetic shapes images instead")
+    p.add_argument("--shapes", type=at_least(1), metavar="N", help="train on N built-in synthetic shapes images instead")
     p.add_argument("--val-split", type=float, default=0.0, metavar="F",
                    help="hold out this fraction of the images for validation AP (default 0; --shapes "
                         "always validates on separate shapes)")
-    p.add_argument("--steps", type=int, default=1000, metavar="N", help="optimizer steps in total (default 1000)")
+    p.add_argument("--steps", type=at_least(0), default=1000, metavar="N", help="optimizer steps in total (default 1000)")
     p.add_argument("--layers", choices=("heads", "3+", "4+", "5+", "all"),
                    help="which layers train (default: heads with --weights, else all)")
     p.add_argument("--weights", metavar="PATH", help="pretrained model folder or weights file to start from; "
                    "class-specific layers whose shape differs are re-initialised")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--eval-every", type=int, default=0, metavar="N", help="validate every N steps (default: at the end)")
-    p.add_argument("--checkpoint-every", type=int, default=500, metavar="N", help="default 500")
-    p.add_argument("--keep", type=int, default=3, metavar="K", help="checkpoints kept (default 3)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--eval-every", type=at_least(0), default=0, metavar="N", help="validate every N steps (default: at the end)")
+    p.add_argument("--checkpoint-every", type=at_least(1), default=500, metavar="N", help="default 500")
+    p.add_argument("--keep", type=at_least(1), default=3, metavar="K", help="checkpoints kept (default 3)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="mixed precision (default auto: bf16/fp16 autocast on CUDA, fp32 on CPU)")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="data loading processes (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=at_least(0), default=2, metavar="N", help="data loading processes (default 2)")
     return p
 
 
@@ -57,11 +54,7 @@ def build_config(args, num_classes: int):
     from ..config import Config
 
     saved = Path(args.out) / "config.yaml"
-    if args.resume and saved.exists():
-        config = Config.load(saved)
-    else:
-        config = Config.load(args.config) if args.config else Config()
-    config = config.with_overrides(args.overrides)
+    config = config_from_args(args, saved=saved if args.resume and saved.exists() else None)
     if config.num_classes != num_classes:
         if config.num_classes != Config().num_classes:
             raise MaskRCNNError(f"num_classes={config.num_classes} in the config, but the data has "
@@ -86,8 +79,6 @@ def training_data(args):
     class or None) named by the arguments."""
     if args.shapes is not None:
         from ..data.shapes import CLASS_NAMES, ShapesDataset
-        if args.shapes < 1:
-            raise MaskRCNNError(f"--shapes {args.shapes}: need at least 1 image")
         return (ShapesDataset(args.shapes, seed=args.seed),
                 ShapesDataset(max(10, args.shapes // 10), seed=args.seed + 10_000), list(CLASS_NAMES), None)
     from torch.utils.data import Subset
