@@ -1,6 +1,7 @@
 """build_rpn_targets / build_detection_targets on small cases whose IoUs are worked out by hand."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,3 +173,92 @@ def test_empty_gt_boxes_are_ignored():
     masks[0, :10, :10] = True
     rois, labels, deltas, _ = build_detection_targets(anchors, gt, torch.tensor([1, 2]), masks, crowd, 8, 0.5)
     assert labels.tolist() == [1, 1, 0, 0] and torch.isfinite(deltas).all()
+
+
+# ---- Matterport's knobs: mini masks, max_gt_instances, random ROIs, crop --------------------------
+def _ellipse(height, width, cx, cy, rx, ry) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    return ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1
+
+
+def test_mask_targets_from_mini_masks_match_full_masks():
+    from maskrcnn.boxes import masks_to_boxes
+    from maskrcnn.model.targets import crop_mask_targets, minimize_masks
+
+    full = torch.stack([_ellipse(300, 400, 150, 120, 90, 60), _ellipse(300, 400, 300, 200, 40, 70)])
+    boxes = masks_to_boxes(full).float()
+    mini = minimize_masks(full, boxes, (56, 56))
+    assert mini.shape == (2, 56, 56) and mini.dtype == torch.bool
+    assert mini.element_size() * mini.numel() == 2 * 56 * 56  # 6 KB whatever the image size
+    rois = torch.tensor([[70.0, 50, 230, 190], [100, 80, 200, 160], [250, 120, 350, 280]])
+    index = torch.tensor([0, 0, 1])
+    from_full = crop_mask_targets(full, index, rois)
+    from_mini = crop_mask_targets(mini, index, rois, gt_boxes=boxes)
+    agree = (from_full == from_mini).float().mean().item()
+    assert agree > 0.98, agree  # the same targets up to the mini mask's resampling
+    assert from_full.sum() > 500
+
+
+def test_keep_largest_logs_what_it_drops(caplog):
+    from maskrcnn.model.targets import keep_largest
+
+    keep = keep_largest(torch.tensor([5.0, 50, 1, 20, 30]), 3, "image 7")
+    assert keep.tolist() == [1, 3, 4]
+    assert "image 7 has 5 instances: kept the 3 largest, dropped 2" in caplog.text
+    assert keep_largest(torch.tensor([1.0, 2]), 3).tolist() == [0, 1]
+
+
+def test_random_rois_cover_the_gt_and_the_image():
+    from torchvision.ops import box_iou
+
+    from maskrcnn.model.targets import random_rois
+
+    gt = torch.tensor([[40.0, 30, 60, 70], [100, 100, 120, 110]])
+    rois = random_rois((128, 160), 200, gt, torch.Generator().manual_seed(0))
+    assert rois.shape == (200, 4)
+    assert (rois[:, 2:] > rois[:, :2]).all() and rois.min() >= 0
+    assert (rois[:, 2] <= 160).all() and (rois[:, 3] <= 128).all()
+    size = gt[:, 2:] - gt[:, :2]
+    grown = torch.cat([gt[:, :2] - size, gt[:, 2:] + size], dim=1)  # each box grown by its size
+    inside = ((rois[:180, None, :2] >= grown[None, :, :2]) & (rois[:180, None, 2:] <= grown[None, :, 2:] + 1))
+    assert inside.all(dim=2).any(dim=1).all()  # 90% (180) are drawn around the boxes
+    assert (box_iou(rois, gt).max(dim=0).values >= 0.5).all()  # each object gets positives
+
+
+def test_random_crop_moves_masks_with_the_image():
+    from maskrcnn.model.training import random_crop
+
+    torch.manual_seed(0)
+    masks = torch.stack([_ellipse(100, 150, 40, 50, 20, 30), _ellipse(100, 150, 140, 10, 5, 5)])
+    image = np.zeros((100, 150, 3), np.uint8)
+    image[masks[0].numpy()] = 255
+    crops = [random_crop(image, {"masks": masks, "labels": torch.tensor([1, 2])}, 64) for _ in range(5)]
+    for cropped, target in crops:
+        assert cropped.shape == (64, 64, 3)
+        assert target["masks"].shape[1:] == (64, 64) and len(target["labels"]) == len(target["masks"])
+        if len(target["masks"]) and target["labels"][0] == 1:
+            assert np.array_equal(cropped[:, :, 0] == 255, target["masks"][0].numpy())
+    big, target = random_crop(image[:50, :60], {"masks": masks[:, :50, :60], "labels": torch.tensor([1, 2])}, 64)
+    assert big.shape == (64, 64, 3)  # scaled up first: the short side 50 -> 64
+
+
+@pytest.mark.parametrize("knobs", [dict(image_resize_mode="crop", image_min_dim=64, use_mini_mask=True),
+                                   dict(use_rpn_rois=False, max_gt_instances=1, use_mini_mask=False)])
+def test_training_step_honours_matterport_knobs(knobs, caplog):
+    import maskrcnn
+    from maskrcnn.data.shapes import ShapesDataset
+    from test_model import small_config
+
+    torch.manual_seed(0)
+    ds = ShapesDataset(2, seed=3)
+    images, targets = zip(*[ds[0], ds[1]])
+    m = maskrcnn.MaskRCNN(small_config(train_bn=True, **knobs)).train()
+    losses = m(list(images), list(targets))
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["mrcnn_mask_loss"] > 0
+    if knobs.get("max_gt_instances") == 1:
+        assert "kept the 1 largest" in caplog.text
+    if knobs.get("image_resize_mode") == "crop":
+        det = m.eval().detect([np.zeros((90, 130, 3), np.uint8)])[0]  # the whole image at inference
+        assert det.masks.shape[1:] == (90, 130)

@@ -48,7 +48,8 @@ def demo_config(num_classes: int = 4):
         post_nms_rois_inference=100, train_rois_per_image=32, roi_positive_ratio=0.33,
         detection_max_instances=20, detection_min_confidence=0.5,
         train_bn=True, learning_rate=0.015, learning_momentum=0.9, weight_decay=1e-4,
-        warmup_steps=100, lr_schedule="cosine", gradient_clip_norm=5.0)
+        warmup_steps=100, lr_schedule="cosine", gradient_clip_norm=5.0,
+        use_mini_mask=False)  # 128x128 masks are small already; full masks keep the measured figures
 
 
 def add_parser(subparsers):

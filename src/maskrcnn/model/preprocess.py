@@ -101,7 +101,9 @@ def resize_bilinear_uint8(image: np.ndarray, height: int, width: int) -> np.ndar
 
 
 def resize_matterport(image: np.ndarray, mode: str, min_dim: int, max_dim: int, min_scale: float = 0):
-    """Matterport's ``utils.resize_image`` (modes none, square, pad64).
+    """Matterport's ``utils.resize_image`` (modes none, square, pad64; "crop" as pad64: the
+    whole image at inference, scaled as crop mode scales it; training takes random squares of
+    the scaled image instead, ``model.training.random_crop``).
 
     image: [H, W, 3] uint8.  Returns (image [H', W', 3] uint8, window (y1, x1, y2, x2), scale).
     """
@@ -124,7 +126,7 @@ def resize_matterport(image: np.ndarray, mode: str, min_dim: int, max_dim: int, 
     if mode == "square":
         top, left = (max_dim - h) // 2, (max_dim - w) // 2
         bottom, right = max_dim - h - top, max_dim - w - left
-    elif mode == "pad64":
+    elif mode in ("pad64", "crop"):
         top = left = bottom = right = 0
         if h % 64:
             full = h - h % 64 + 64

@@ -12,16 +12,27 @@ All boxes are ``(x1, y1, x2, y2)`` in pixels of the molded image (x2, y2 exclusi
 :mod:`maskrcnn.boxes`.  Crowd annotations are never matched; anything that overlaps a crowd box at
 all (IoU >= ``CROWD_IOU``) is not used as a negative either, since it may show an object.
 
+Masks come full-size ([G, H, W], the molded image) or as Matterport's mini masks ([G, h, w],
+each instance's box area resized to ``mini_mask_shape``: :func:`minimize_masks`), whose memory
+does not grow with the image; mask targets are then cropped from the mini mask.
+:func:`keep_largest` applies ``max_gt_instances`` and :func:`random_rois` replaces the RPN's
+proposals when ``use_rpn_rois`` is False.
+
 Random subsampling draws from ``generator`` (a CPU ``torch.Generator``) or, when None, from
 torch's global generator, so a run is reproducible from its seed and a resumed run from the
 RNG state saved in its checkpoint.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+import torch.nn.functional as F
 from torchvision.ops import box_iou, roi_align
 
 from ..boxes import box_deltas
+
+log = logging.getLogger(__name__)
 
 #: An anchor or ROI with at least this IoU with a crowd box is not a negative (Matterport).
 CROWD_IOU = 0.001
@@ -126,7 +137,8 @@ def build_detection_targets(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_
                             gt_masks: torch.Tensor, gt_crowd: torch.Tensor, num_samples: int,
                             positive_ratio: float, positive_iou: float = 0.5,
                             negative_iou: float = 0.5, std=(1.0, 1.0, 1.0, 1.0),
-                            mask_shape=(28, 28), generator: torch.Generator | None = None
+                            mask_shape=(28, 28), generator: torch.Generator | None = None,
+                            mini_masks: bool = False
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample ROIs for the box and mask heads and build their targets (Matterport's
     ``detection_targets_graph``).
@@ -134,7 +146,8 @@ def build_detection_targets(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_
     proposals: [P, (x1, y1, x2, y2)] molded-image pixels (detached; the RPN's output).
     gt_boxes:  [G, (x1, y1, x2, y2)] molded-image pixels (G may be 0).
     gt_labels: [G] int64 class ids 1..num_classes-1.
-    gt_masks:  [G, H, W] bool full masks in the molded-image frame.
+    gt_masks:  [G, H, W] bool full masks in the molded-image frame, or with ``mini_masks``
+               [G, h, w] bool mini masks, each spanning its gt box (:func:`minimize_masks`).
     gt_crowd:  [G] bool; crowd gt is never a positive's match, and proposals overlapping it
                (IoU >= 0.001) are not negatives.
     num_samples: ROIs per image (``train_rois_per_image``).
@@ -194,20 +207,85 @@ def build_detection_targets(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_
         matched = best_gt[keep_pos]
         labels[:num_pos] = object_labels[matched]
         deltas[:num_pos] = box_deltas(rois[:num_pos], objects[matched], std)
-        masks[:num_pos] = crop_mask_targets(object_masks, matched, rois[:num_pos], mask_shape)
+        masks[:num_pos] = crop_mask_targets(object_masks, matched, rois[:num_pos], mask_shape,
+                                            objects if mini_masks else None)
     return rois, labels, deltas, masks
 
 
 def crop_mask_targets(gt_masks: torch.Tensor, gt_index: torch.Tensor, rois: torch.Tensor,
-                      mask_shape=(28, 28)) -> torch.Tensor:
+                      mask_shape=(28, 28), gt_boxes: torch.Tensor | None = None) -> torch.Tensor:
     """Crop each roi's gt mask and resize it to ``mask_shape``.
 
-    gt_masks: [G, H, W] bool, molded-image frame.
+    gt_masks: [G, H, W] bool, molded-image frame; or, with ``gt_boxes``, [G, h, w] mini masks.
     gt_index: [R] int64, which gt mask each roi takes.
     rois:     [R, (x1, y1, x2, y2)] molded-image pixels.
+    gt_boxes: [G, (x1, y1, x2, y2)] molded-image pixels, the box each mini mask spans: the roi
+              is then moved into its mini mask's pixels (Matterport's detection_targets_graph
+              with USE_MINI_MASK), so the same roi_align samples the same place of the object.
     Returns [R, *mask_shape] float in {0, 1} (bilinear average >= 0.5).
     """
+    if gt_boxes is not None:
+        box = gt_boxes.to(rois.dtype)[gt_index]
+        size = rois.new_tensor([gt_masks.shape[2], gt_masks.shape[1]] * 2)
+        origin = box[:, [0, 1, 0, 1]]
+        extent = (box[:, 2:] - box[:, :2]).clamp(min=1e-6)[:, [0, 1, 0, 1]]
+        rois = (rois - origin) / extent * size
     boxes = torch.cat([gt_index[:, None].to(rois.dtype), rois], dim=1)
     crops = roi_align(gt_masks[:, None].to(rois.dtype), boxes, tuple(mask_shape),
                       spatial_scale=1.0, sampling_ratio=2, aligned=True)[:, 0]
     return (crops >= 0.5).to(rois.dtype)
+
+
+def minimize_masks(masks: torch.Tensor, boxes: torch.Tensor, shape=(56, 56)) -> torch.Tensor:
+    """Matterport's ``minimize_mask``: each mask's box area resized to ``shape``.
+
+    masks: [N, H, W] bool; boxes: [N, (x1, y1, x2, y2)] pixels of the same frame (x2, y2
+    exclusive; their tight boxes, ``boxes.masks_to_boxes``).  Returns [N, *shape] bool: bilinear
+    resampling (pixel centres, as ``F.interpolate(align_corners=False)``) thresholded at 0.5.
+    An instance is resized on its own, so memory stays at one box at a time.
+    """
+    out = torch.zeros(len(masks), *shape, dtype=torch.bool)
+    coords = boxes.round().long().tolist()
+    for i, (x1, y1, x2, y2) in enumerate(coords):
+        crop = masks[i, max(y1, 0):max(y2, y1 + 1), max(x1, 0):max(x2, x1 + 1)]
+        if crop.numel():
+            out[i] = F.interpolate(crop[None, None].float(), size=tuple(shape), mode="bilinear",
+                                   align_corners=False)[0, 0] >= 0.5
+    return out
+
+
+def keep_largest(areas: torch.Tensor, limit: int, where: str = "an image") -> torch.Tensor:
+    """Indices of the ``limit`` largest instances (by ``areas`` [N]), in their original order;
+    logs how many were dropped.  All of them when N <= limit."""
+    if areas.numel() <= limit:
+        return torch.arange(areas.numel())
+    keep = torch.sort(torch.topk(areas.float(), limit, sorted=False).indices).values
+    log.warning("%s has %d instances: kept the %d largest, dropped %d (max_gt_instances)",
+                where, areas.numel(), limit, areas.numel() - limit)
+    return keep
+
+
+def random_rois(image_shape, count: int, gt_boxes: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """ROIs for the heads without the RPN (``use_rpn_rois=False``; Matterport's
+    ``generate_random_rois``): 90% of ``count`` spread over the gt boxes, each drawn with corners
+    uniform in the box grown by its own size on every side (clipped to the image), the rest
+    uniform over the image.  Each side is at least one pixel.
+
+    image_shape: (H, W) molded image; gt_boxes: [G, (x1, y1, x2, y2)] molded-image pixels.
+    Returns [count, (x1, y1, x2, y2)] float32 molded-image pixels.
+    """
+    h, w = image_shape
+    gt_boxes = gt_boxes.detach().float().cpu()
+    per_box = int(0.9 * count / len(gt_boxes)) if len(gt_boxes) else 0
+    size = gt_boxes[:, 2:] - gt_boxes[:, :2]
+    lo = torch.maximum(gt_boxes[:, :2] - size, torch.zeros(2)).repeat_interleave(per_box, dim=0)
+    hi = torch.minimum(gt_boxes[:, 2:] + size, torch.tensor([w, h], dtype=torch.float32)).repeat_interleave(
+        per_box, dim=0)
+    rest = count - len(lo)
+    lo = torch.cat([lo, torch.zeros(rest, 2)])
+    hi = torch.cat([hi, torch.tensor([[w, h]], dtype=torch.float32).expand(rest, 2)])
+    corners = lo[:, None, :] + torch.rand(count, 2, 2, generator=generator) * (hi - lo)[:, None, :]
+    first, second = corners.min(dim=1).values.floor(), corners.max(dim=1).values.floor()
+    second = torch.maximum(second, first + 1)
+    return torch.cat([first, second], dim=1)

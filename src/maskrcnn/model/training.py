@@ -9,6 +9,7 @@ Targets are built in molded-image pixels (``targets.py``), whatever the model's 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +17,7 @@ from .. import boxes as box_ops
 from ..errors import DataError
 from . import losses as L
 from .preprocess import ImageMeta, mold_images
-from .targets import build_detection_targets, build_rpn_targets
+from .targets import build_detection_targets, build_rpn_targets, keep_largest, minimize_masks, random_rois
 
 
 def to_pixels(model, boxes: torch.Tensor, image_shape) -> torch.Tensor:
@@ -29,23 +30,39 @@ def to_frame(model, boxes: torch.Tensor, image_shape) -> torch.Tensor:
     return box_ops.normalize_boxes(boxes, *image_shape) if model.config.box_frame == "normalized" else boxes
 
 
-def mold_target(target: dict, meta: ImageMeta, image_shape, device) -> dict:
+def mold_target(target: dict, meta: ImageMeta, image_shape, device, max_instances: int | None = None,
+                mini_mask_shape=None) -> dict:
     """Move one image's ground truth into the molded batch frame.
 
-    target: ``masks`` [N, h, w] (bool/uint8, original image), ``labels`` [N], optional ``boxes``
-    [N, (x1, y1, x2, y2)] original pixels and ``iscrowd`` [N].
-    Returns masks [N, H, W] bool, boxes [N, 4] molded pixels, labels [N] int64, crowd [N] bool.
+    target: ``masks`` [N, h, w] (bool/uint8, original image) or ``mini_masks`` [N, mh, mw]
+    (:func:`~maskrcnn.model.targets.minimize_masks`, with ``boxes``), ``labels`` [N], optional
+    ``boxes`` [N, (x1, y1, x2, y2)] original pixels and ``iscrowd`` [N].
+    max_instances: keep only this many, the largest (``max_gt_instances``).
+    mini_mask_shape: minimize full masks to this (h, w) before molding (``use_mini_mask``).
+    Returns masks [N, H, W] bool (or mini masks [N, mh, mw], ``mini`` True), boxes [N, 4]
+    molded pixels, labels [N] int64, crowd [N] bool.
     """
-    masks = torch.as_tensor(target["masks"], device=device)
+    mini = "mini_masks" in target
+    masks = torch.as_tensor(target["mini_masks"] if mini else target["masks"], device=device)
     h, w = meta.original_shape
-    if masks.dim() != 3 or tuple(masks.shape[1:]) != (h, w):
+    if masks.dim() != 3 or (not mini and tuple(masks.shape[1:]) != (h, w)):
         raise DataError(f"target masks of shape {tuple(masks.shape)} do not fit the {h}x{w} image")
     labels = torch.as_tensor(target["labels"], device=device).long().reshape(-1)
     n = labels.shape[0]
     if masks.shape[0] != n:
         raise DataError(f"{masks.shape[0]} masks but {n} labels in a target")
+    if mini and target.get("boxes") is None:
+        raise DataError("a target with mini_masks needs the boxes they span")
     crowd = torch.as_tensor(target.get("iscrowd", torch.zeros(n)), device=device).bool().reshape(-1)
+    if (max_instances and n > max_instances) or (mini_mask_shape is not None and not mini):
+        target = select_instances(target, masks, labels, crowd, max_instances, mini_mask_shape, mini)
+        return mold_target(target, meta, image_shape, device)
     y1, x1, y2, x2 = meta.window
+    if mini:
+        sx, sy = (x2 - x1) / w, (y2 - y1) / h
+        boxes = torch.as_tensor(target["boxes"], device=device, dtype=torch.float32).reshape(-1, 4)
+        boxes = boxes * boxes.new_tensor([sx, sy, sx, sy]) + boxes.new_tensor([x1, y1, x1, y1])
+        return dict(masks=masks.bool(), boxes=boxes, labels=labels, crowd=crowd, mini=True)
     full = torch.zeros(n, *image_shape, dtype=torch.bool, device=device)
     if n:
         resized = masks.bool()
@@ -58,7 +75,65 @@ def mold_target(target: dict, meta: ImageMeta, image_shape, device) -> dict:
         boxes = boxes * boxes.new_tensor([sx, sy, sx, sy]) + boxes.new_tensor([x1, y1, x1, y1])
     else:
         boxes = box_ops.masks_to_boxes(full)
-    return dict(masks=full, boxes=boxes, labels=labels, crowd=crowd)
+    return dict(masks=full, boxes=boxes, labels=labels, crowd=crowd, mini=False)
+
+
+def select_instances(target: dict, masks, labels, crowd, max_instances, mini_mask_shape, mini: bool) -> dict:
+    """``target`` (original frame) limited to the ``max_instances`` largest instances, its full
+    masks minimized to ``mini_mask_shape`` when given; returns a target :func:`mold_target` takes."""
+    boxes = target.get("boxes")
+    boxes = box_ops.masks_to_boxes(masks.bool()) if boxes is None else torch.as_tensor(boxes).reshape(-1, 4).float()
+    boxes = boxes.to(masks.device)
+    if max_instances and len(labels) > max_instances:
+        if mini:
+            areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * masks.flatten(1).float().mean(1)
+        else:
+            areas = masks.flatten(1).sum(1)
+        keep = keep_largest(areas.cpu(), max_instances, f"image {target.get('image_id', '?')}").to(masks.device)
+        masks, labels, crowd, boxes = masks[keep], labels[keep], crowd[keep], boxes[keep]
+    out = {"labels": labels, "iscrowd": crowd, "boxes": boxes}
+    if mini:
+        out["mini_masks"] = masks
+    elif mini_mask_shape is not None:
+        out["mini_masks"] = minimize_masks(masks.bool().cpu(), boxes.cpu(), mini_mask_shape).to(masks.device)
+    else:
+        out["masks"] = masks
+    return out
+
+
+def random_crop(image, target: dict, min_dim: int, min_scale: float = 0):
+    """Matterport's "crop" resize mode for training: scale the image so its short side is at
+    least ``min_dim`` (and by at least ``min_scale``), then take a random ``min_dim`` x ``min_dim``
+    square (position from torch's global generator, so a seeded run repeats it).  The target's
+    masks are scaled by nearest neighbour and cut the same way (reading only the rows and
+    columns inside the square), its boxes recomputed, and instances left without a pixel dropped.
+
+    image: [H, W, 3] uint8 numpy or [3, H, W] uint8 tensor; target as :func:`mold_target`
+    with full ``masks``.  Returns ([min_dim, min_dim, 3] uint8 numpy, target).
+    """
+    from .preprocess import as_hwc_uint8, resize_bilinear_uint8
+
+    image = as_hwc_uint8(image)
+    h, w = image.shape[:2]
+    scale = max(1, min_dim / min(h, w))
+    if min_scale and scale < min_scale:
+        scale = min_scale
+    if scale != 1:
+        image = resize_bilinear_uint8(image, round(h * scale), round(w * scale))
+    big_h, big_w = image.shape[:2]
+    y = int(torch.randint(0, big_h - min_dim + 1, ()))
+    x = int(torch.randint(0, big_w - min_dim + 1, ()))
+    rows = torch.div(torch.arange(y, y + min_dim) * h, big_h, rounding_mode="floor").clamp(max=h - 1)
+    cols = torch.div(torch.arange(x, x + min_dim) * w, big_w, rounding_mode="floor").clamp(max=w - 1)
+    masks = torch.as_tensor(target["masks"]).bool()
+    masks = masks[:, rows.to(masks.device)][:, :, cols.to(masks.device)]
+    keep = masks.flatten(1).any(dim=1)
+    out = {k: v for k, v in target.items() if k not in ("masks", "boxes")}
+    out["masks"] = masks[keep]
+    out["labels"] = torch.as_tensor(target["labels"]).reshape(-1)[keep.cpu()]
+    if "iscrowd" in target:
+        out["iscrowd"] = torch.as_tensor(target["iscrowd"]).reshape(-1)[keep.cpu()]
+    return np.ascontiguousarray(image[y:y + min_dim, x:x + min_dim]), out
 
 
 def training_losses(model, images, targets) -> dict[str, torch.Tensor]:
@@ -69,9 +144,13 @@ def training_losses(model, images, targets) -> dict[str, torch.Tensor]:
     """
     cfg = model.config
     device = model.device
+    if cfg.image_resize_mode == "crop":
+        images, targets = zip(*[random_crop(im, t, cfg.image_min_dim, cfg.image_min_scale)
+                                for im, t in zip(images, targets)])
     batch, metas = mold_images(images, cfg, device)
     image_shape = tuple(batch.shape[-2:])
-    gts = [mold_target(t, m, image_shape, device) for t, m in zip(targets, metas)]
+    gts = [mold_target(t, m, image_shape, device, cfg.max_gt_instances,
+                       cfg.mini_mask_shape if cfg.use_mini_mask else None) for t, m in zip(targets, metas)]
 
     features = model.features(batch)
     rpn_logits, rpn_deltas = model.rpn(features)
@@ -83,19 +162,24 @@ def training_losses(model, images, targets) -> dict[str, torch.Tensor]:
                           cfg.rpn_positive_ratio, cfg.rpn_positive_iou, cfg.rpn_negative_iou,
                           box_ops.std_xy(cfg.rpn_bbox_std_dev)) for g in gts])
     rpn_labels, rpn_targets = torch.stack(rpn_labels), torch.stack(rpn_targets)
-    losses = {"rpn_class_loss": L.rpn_class_loss(rpn_logits, rpn_labels),
+    losses = {"rpn_class_loss": L.rpn_class_loss(rpn_logits, rpn_labels, model.rpn.kind),
               "rpn_bbox_loss": L.rpn_bbox_loss(rpn_deltas, rpn_targets, rpn_labels)}
 
     with torch.no_grad():
-        windows = [model.proposal_window(m, image_shape, device) for m in metas]
-        proposals = model.propose(rpn_logits.detach(), rpn_deltas.detach(), anchors, level_sizes, windows,
-                                  cfg.post_nms_rois_training)
+        if cfg.use_rpn_rois:
+            windows = [model.proposal_window(m, image_shape, device) for m in metas]
+            proposals = model.propose(rpn_logits.detach(), rpn_deltas.detach(), anchors, level_sizes, windows,
+                                      cfg.post_nms_rois_training)
+            proposals = [to_pixels(model, p, image_shape) for p, _ in proposals]
+        else:
+            proposals = [random_rois(image_shape, cfg.post_nms_rois_training, g["boxes"][~g["crowd"]]).to(device)
+                         for g in gts]
     rois, labels, deltas, masks = [], [], [], []
-    for (p, _), g in zip(proposals, gts):
+    for p, g in zip(proposals, gts):
         r, lab, d, m = build_detection_targets(
-            to_pixels(model, p, image_shape), g["boxes"], g["labels"], g["masks"], g["crowd"],
+            p, g["boxes"], g["labels"], g["masks"], g["crowd"],
             cfg.train_rois_per_image, cfg.roi_positive_ratio, cfg.roi_positive_iou, cfg.roi_negative_iou,
-            box_ops.std_xy(cfg.bbox_std_dev), cfg.mask_shape)
+            box_ops.std_xy(cfg.bbox_std_dev), cfg.mask_shape, mini_masks=g["mini"])
         rois.append(to_frame(model, r, image_shape))
         labels.append(lab)
         deltas.append(d)
