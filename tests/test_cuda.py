@@ -56,3 +56,49 @@ def test_matterport_parity_on_cuda(parity_dir):
         ours = set(map(tuple, d.boxes[:, [1, 0, 3, 2]].int().tolist()))
         theirs = set(map(tuple, e["rois"].tolist()))
         assert len(ours ^ theirs) <= allowed, (k, len(ours ^ theirs))
+
+
+def training_models():
+    """The models users train: the torchvision preset converted from torchvision (frozen BN,
+    folded) and the Matterport preset with trainable BatchNorm."""
+    tv = random_torchvision(91)
+    cfg = Config.preset("torchvision", num_classes=91, image_min_dim=MIN_SIZE, image_max_dim=MAX_SIZE)
+    converted = maskrcnn.MaskRCNN.from_torchvision(tv.state_dict(), cfg)
+    converted.set_trainable("3+")
+    scratch = maskrcnn.MaskRCNN(Config(num_classes=5, backbone="resnet50", train_bn=True,
+                                       image_min_dim=256, image_max_dim=256))
+    scratch.set_trainable("all")
+    return {"torchvision preset": converted, "matterport preset, trainable BN": scratch}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_training_step(dtype):
+    """SGD steps under autocast (fp16 with the default GradScaler, which skips the first steps
+    while it backs its scale off from 2**16): finite losses, fp32 gradients, parameters that
+    move within a few steps."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 256, 320), dtype=torch.uint8, generator=g) for _ in range(2)]
+    masks = torch.zeros(2, 256, 320, dtype=torch.bool)
+    masks[0, 40:120, 50:160] = True
+    masks[1, 150:230, 180:300] = True
+    targets = [{"masks": masks.cuda(), "labels": torch.tensor([1, 2]).cuda()} for _ in images]
+    for name, model in training_models().items():
+        model = model.cuda().train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        for _ in range(20):
+            with torch.autocast("cuda", dtype=dtype):
+                losses = model([im.cuda() for im in images], targets)
+            total = sum(losses.values())
+            assert torch.isfinite(total), (name, {k: float(v) for k, v in losses.items()})
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            assert all(p.grad is None or p.grad.dtype == torch.float32 for p in params), name
+            scaler.step(opt)
+            scaler.update()
+            moved = sum(not torch.equal(a, p.detach()) for a, p in zip(before, params))
+            if moved > len(params) // 2:
+                break
+        assert moved > len(params) // 2, (name, moved, len(params), scaler.get_scale())

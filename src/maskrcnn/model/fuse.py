@@ -83,8 +83,14 @@ class _FrozenFoldedConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, conv_bias, scale, shift, stride, padding, dilation, groups):
-        w = weight * scale.reshape(-1, 1, 1, 1)
-        bias = shift if conv_bias is None else conv_bias * scale + shift
+        # Under autocast F.conv2d would cast x and the folded weight to the autocast dtype, but
+        # backward runs outside autocast: convolve in one explicit dtype and keep it for backward
+        # (cuDNN refuses a bf16 gradient against an fp32 weight).
+        dtype = compute_dtype(x)
+        w = (weight * scale.reshape(-1, 1, 1, 1)).to(dtype)
+        bias = (shift if conv_bias is None else conv_bias * scale + shift).to(dtype)
+        ctx.input_dtype = x.dtype
+        x = x.to(dtype)
         ctx.save_for_backward(x, weight, scale)
         ctx.conv = (stride, padding, dilation, groups, conv_bias is not None)
         return F.conv2d(x, w, bias, stride, padding, dilation, groups)
@@ -93,14 +99,25 @@ class _FrozenFoldedConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, scale = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias = ctx.conv
-        w = weight * scale.reshape(-1, 1, 1, 1)
+        w = (weight * scale.reshape(-1, 1, 1, 1)).to(x.dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, w, [w.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0], groups,
-            [need_x, need_w, need_b and has_bias])
-        gw = gw * scale.reshape(-1, 1, 1, 1) if need_w else None
-        gb = gb * scale if need_b and has_bias else None
-        return gx if need_x else None, gw, gb, None, None, None, None, None, None
+            grad.to(x.dtype), x, w, [w.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0],
+            groups, [need_x, need_w, need_b and has_bias])
+        # gradients in the parameters' own dtype (fp32 master weights under autocast)
+        gw = gw.to(weight.dtype) * scale.reshape(-1, 1, 1, 1) if need_w else None
+        gb = gb.to(scale.dtype) * scale if need_b and has_bias else None
+        gx = gx.to(ctx.input_dtype) if need_x else None
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of ``x`` runs in here: the autocast dtype of x's device when
+    autocast is on there (and x is floating point), else x's own dtype."""
+    kind = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
 
 
 def set_bn_folding(model: nn.Module, enabled: bool = True) -> int:
