@@ -1,0 +1,155 @@
+"""GPU training at realistic sizes: ours against torchvision on the same weights and batches.
+
+    python benchmarks/bench_gpu_train.py                       # the table in README's GPU section
+    python benchmarks/bench_gpu_train.py --cases large --amp bf16 --profile
+
+Each case is one SGD iteration (forward, backward, step) on a fixed batch of smooth images with
+elliptic instances: "small" is the CPU benchmark's 2 x 512x512 with 3 instances, "large" is
+8 x 800x1066 with 8 instances each (COCO-like).  Both models are torchvision's
+``maskrcnn_resnet50_fpn`` layout with random weights and frozen BN, layers 2-4 trainable; ours is
+the torchvision preset converted from it.  The models run interleaved (one iteration of each per
+round) so clock and thermal drift hit both alike; times are medians.  Peak memory is
+``torch.cuda.max_memory_allocated`` during one iteration above what was allocated before it.
+``--profile`` prints the 15 costliest CUDA kernels of one iteration of ours and of torchvision.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_vs_torchvision import NUM_CLASSES, build_ours, build_torchvision, smooth_image  # noqa: E402
+
+CASES = {"small": (2, 512, 512, 3), "large": (8, 800, 1066, 8)}
+AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def batch(n: int, h: int, w: int, instances: int, seed: int = 0):
+    """n [3, h, w] uint8 images, each with ``instances`` random ellipses as [N, h, w] masks."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    images, targets = [], []
+    for i in range(n):
+        images.append(smooth_image(h, w, seed=seed * 100 + i))
+        masks = []
+        for _ in range(instances):
+            cy, cx = (torch.rand(2, generator=g) * torch.tensor([h, w]) * 0.6 + torch.tensor([h, w]) * 0.2).tolist()
+            ry, rx = (torch.rand(2, generator=g) * torch.tensor([h, w]) * 0.12 + torch.tensor([h, w]) * 0.03).tolist()
+            masks.append(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1)
+        masks = torch.stack(masks)
+        boxes = []
+        for m in masks:
+            ys, xs = torch.nonzero(m, as_tuple=True)
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        targets.append(dict(masks=masks, labels=torch.randint(1, NUM_CLASSES, (instances,), generator=g),
+                            boxes=torch.tensor(boxes, dtype=torch.float32)))
+    return images, targets
+
+
+def step_fn(model, images, targets, amp_dtype, float_input: bool):
+    """One SGD iteration of ``model`` as a function (fp16 with a GradScaler)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-5, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    imgs = [im.cuda().float() / 255 if float_input else im.cuda() for im in images]
+    tgts = [{k: v.cuda() for k, v in t.items()} for t in targets]
+
+    def run():
+        with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            losses = model(imgs, tgts)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return run
+
+
+def measure(fns: dict, reps: int, warmup: int) -> dict:
+    """{name: (median seconds, peak MiB)} with the functions interleaved round by round."""
+    times, peaks = {k: [] for k in fns}, {k: 0.0 for k in fns}
+    for r in range(warmup + reps):
+        for k, fn in fns.items():
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t)
+                peaks[k] = max(peaks[k], (torch.cuda.max_memory_allocated() - base) / 2 ** 20)
+    return {k: (statistics.median(v), peaks[k]) for k, v in times.items()}
+
+
+def profile(fn, label: str, rows: int = 15) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"\n#### {label}: top CUDA kernels of one iteration\n```")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90))
+    print("```", flush=True)
+
+
+def build_models(h: int, w: int, variants: list[str]):
+    """torchvision's model and ours converted from it (one per variant), on the GPU, training."""
+    tv = build_torchvision(min(h, w), max(h, w))
+    models = {"torchvision": tv}
+    for v in variants:
+        ours = build_ours(tv, min(h, w), max(h, w))
+        ours.set_trainable("3+")  # torchvision's trainable_backbone_layers=3
+        if v != "ours":
+            ours.backbone.channels_last = v == "ours-nhwc"
+        models[v] = ours
+    return {k: m.cuda().train() for k, m in models.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="small,large")
+    ap.add_argument("--amp", default="fp32,bf16")
+    ap.add_argument("--cudnn-benchmark", default="on,off")
+    ap.add_argument("--variants", default="ours", help="ours (the default layout), ours-nchw, ours-nhwc")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, TF32 off, "
+          f"{args.reps} timed iterations after {args.warmup} warm-up, interleaved, medians\n")
+    print("| case | precision | cudnn.benchmark | model | s/iter | images/s | ratio to torchvision | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    variants = args.variants.split(",")
+    for case in args.cases.split(","):
+        n, h, w, k = CASES[case]
+        images, targets = batch(n, h, w, k)
+        models = build_models(h, w, variants)
+        for amp in args.amp.split(","):
+            for bench in args.cudnn_benchmark.split(","):
+                torch.backends.cudnn.benchmark = bench == "on"
+                fns = {name: step_fn(m, images, targets, AMP[amp], name == "torchvision")
+                       for name, m in models.items()}
+                result = measure(fns, args.reps, args.warmup)
+                ref = result["torchvision"][0]
+                for name, (sec, peak) in result.items():
+                    print(f"| {n}x{h}x{w}, {k} inst | {amp} | {bench} | {name} | {sec:.3f} | {n / sec:.1f} | "
+                          f"{sec / ref:.2f} | {peak:.0f} |", flush=True)
+                if args.profile and bench == "on":
+                    for name, fn in fns.items():
+                        profile(fn, f"{case} {amp} {name}")
+        del models
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one run: the CUDA tests, a short `maskrcnn train` on real-size
+# images with GPU utilisation sampled, and the GPU training benchmark.  Run from the repository
+# root on a CUDA machine whose python3 has torch and torchvision:
+#     bash benchmarks/gpu_check.sh [quick|full]
+# Wheels for packages that machine lacks (pycocotools) may sit in .whl/; the Matterport parity
+# fixture is found through MASKRCNN_SHARED (default ../shared).
+set -uo pipefail
+mode=${1:-full}
+# with OUT set (the device tool), a copy of everything printed lands in $OUT/gpu_check.log
+if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+echo "## CUDA tests"
+timeout 240 python3 -m pytest tests/test_cuda.py tests/test_amp.py -q -p no:cacheprovider -x 2>&1 | tail -15
+echo "## GPU training benchmark"
+if [ "$mode" = quick ]; then
+  timeout 300 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark on \
+    --variants ours,ours-nchw,ours-nhwc --reps 3 --warmup 2 --profile
+else
+  timeout 420 python3 benchmarks/bench_gpu_train.py --cases small,large --amp fp32,bf16 --cudnn-benchmark on,off --reps 5
+fi
