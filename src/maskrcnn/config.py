@@ -328,7 +328,8 @@ class Config:
                 numbers = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
                 if not all(ok(v) for v in numbers):
                     each = ", each" if isinstance(value, (tuple, dict)) else ""
-                    raise ConfigError(f"{key}={value!r} must be {_describe(hint)}{each} {limit}")
+                    what, null = _describe(hint).removesuffix(" or null"), _describe(hint).endswith(" or null")
+                    raise ConfigError(f"{key}={value!r} must be {what}{each} {limit}{' or null' if null else ''}")
         self._check_consistency()
 
     def _check_consistency(self) -> None:
