@@ -250,7 +250,7 @@ class Config:
         """Matterport-style subclasses: ``NUM_CLASSES = 2`` in the class body becomes the
         subclass's default for ``num_classes``; an upper-case name that is no field is an error."""
         super().__init_subclass__(**kwargs)
-        hints = _field_types(Config)
+        hints = _field_types(next(base for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)))
         annotations = dict(cls.__dict__.get("__annotations__", {}))
         for attr, value in list(vars(cls).items()):
             key = attr.lower()
