@@ -253,3 +253,19 @@ def test_once_fatal_inputs_in_a_capped_process(tmp_path):
         assert rc == 2, f"{name} {argv[0]}: rc {rc}\n{err}"
         lines = [line for line in err.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and why in lines[0], f"{name} {argv[0]}: {err}"
+
+
+def test_masks_beyond_the_memory_limit_refused_before_allocating(tmp_path, capsys, monkeypatch):
+    """A label image of random values (one instance per pixel) or a file with a flood of
+    annotations on one image: refused from the count, not after allocating N x H x W."""
+    from maskrcnn.data import records
+    monkeypatch.setattr(records, "MAX_MASK_BYTES", 10 * 60 * 40)
+    Image.new("RGB", (60, 40)).save(tmp_path / "a.png")
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(np.arange(40 * 60, dtype=np.int32).reshape(40, 60)).save(tmp_path / "labels" / "a.tif")
+    assert main(["check-data", "--images", str(tmp_path), "--labels", str(tmp_path / "labels")]) == 1
+    assert "2399 instances of 60x40 would need 0 GB of masks" in capsys.readouterr().out
+    flood = coco(data=lambda d: dict(d, annotations=[dict(d["annotations"][0], id=i) for i in range(11)]))
+    args = write_case(tmp_path / "flood", "coco", flood)
+    assert main(["check-data"] + args) == 1
+    assert "a.png: 11 instances of 60x40 would need" in capsys.readouterr().out

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import DataError
 from .dataset import ERROR, WARNING, Dataset, Problem
 from .formats import open_dataset
+from .records import require_mask_memory
 from .segmentation import form_problem, is_rle, polygon_area, segmentation_to_mask
 
 #: Why training leaves an annotation out, as counted in ``DataReport.skipped``.
@@ -120,6 +121,12 @@ def check_loaded(dataset: Dataset) -> DataReport:
         shape, readable = _check_image(dataset, image_id, report.problems)
         if "annotations" in info:
             class_ids = _check_annotations(dataset, image_id, shape, report)
+            if shape is not None and readable:
+                try:
+                    require_mask_memory(len(info["annotations"]), *shape, info["path"])
+                except DataError as e:
+                    report.problems.append(Problem(info["path"], "", str(e).removeprefix(f"{info['path']}: ")))
+                    readable = False
         else:
             class_ids = _check_load_mask(dataset, image_id, shape, report)
             readable = readable and class_ids is not None

@@ -35,6 +35,7 @@ import torch
 from ..boxes import masks_to_boxes
 from ..errors import DataError
 from .images import IntensityScaling, image_size, read_image
+from .records import require_mask_memory
 from .segmentation import form_problem, segmentation_to_mask
 
 
@@ -181,6 +182,7 @@ class Dataset:
         """
         info = self.image_info[image_id]
         height, width = self.image_shape(image_id)
+        require_mask_memory(len(info.get("annotations", [])), height, width, self.image_reference(image_id))
         masks, class_ids = [], []
         for ann in info.get("annotations", []):
             class_id = self.class_id(image_id, ann["category_id"])

@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import DataError
 from .dataset import Dataset, Problem
 from .images import list_images, open_pil_image
-from .records import read_json, require_id, require_text
+from .records import read_json, require_id, require_mask_memory, require_text
 
 LABEL_EXTENSIONS = (".png", ".tif", ".tiff")
 #: Suffixes a label image's stem may carry after the picture's stem (Cellpose writes ``_masks``).
@@ -172,6 +172,7 @@ class LabelImageDataset(MaskImageDataset):
         labels = read_label_image(info["labels"])
         values = np.unique(labels)
         values = values[values != 0]
+        require_mask_memory(len(values), *labels.shape, info["labels"])
         class_ids, problems = self._classify(image_id, [str(v) for v in values], info["labels"])
         keep = class_ids > 0
         masks = labels[:, :, None] == values[keep][None, None, :]
@@ -216,6 +217,7 @@ class MaskDirsDataset(MaskImageDataset):
         info = self.image_info[image_id]
         height, width = self.image_shape(image_id)
         files = info["mask_files"]
+        require_mask_memory(len(files), height, width, str(Path(info["path"]).parent.parent))
         class_ids, problems = self._classify(image_id, [Path(f).stem for f in files], str(Path(info["path"]).parent.parent))
         masks = []
         keep = np.zeros(len(files), dtype=bool)

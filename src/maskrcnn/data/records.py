@@ -17,6 +17,11 @@ from PIL import Image
 
 from ..errors import DataError
 
+#: The most bytes one image's instance masks ([H, W, N] bool, Matterport's layout) may take:
+#: ~2000 instances on a 1024 x 2048 image.  A label image of random values or a file with a
+#: million annotations on one image is refused before anything is allocated.
+MAX_MASK_BYTES = 4 * 1024 ** 3
+
 #: The largest coordinate magnitude accepted in a polygon, box or shape, in pixels.  Vertices
 #: outside the image are clipped to it before rasterising; beyond this a value is not a pixel
 #: position at all (a unit mix-up or garbage) and the file is rejected.
@@ -85,6 +90,14 @@ def pixel_limit() -> int | None:
     """The largest image area, in pixels, read or allocated: PIL's decompression-bomb limit,
     which a user can raise (``PIL.Image.MAX_IMAGE_PIXELS = ...``) for genuinely huge images."""
     return Image.MAX_IMAGE_PIXELS
+
+
+def require_mask_memory(count: int, height: int, width: int, where: str) -> None:
+    """DataError unless ``count`` masks of ``height`` x ``width`` fit in :data:`MAX_MASK_BYTES`."""
+    if count * height * width > MAX_MASK_BYTES:
+        raise DataError(f"{where}: {count} instances of {width}x{height} would need "
+                        f"{count * height * width / 1024 ** 3:.0f} GB of masks (at most "
+                        f"{MAX_MASK_BYTES / 1024 ** 3:.0f} GB per image)")
 
 
 def require_coordinates(values, where: str) -> list[float]:
