@@ -128,7 +128,8 @@ def iter_frames(files: list[Path], scaling=None, skipped: list | None = None) ->
 def coco_image_ids(annotation_file, files: list[Path]) -> dict[Path, object]:
     """The image id of each input in a COCO annotation file, matched by ``file_name`` (its
     last path components); DataError naming an input the file does not list."""
-    from ..data.coco import read_json, validate_coco
+    from ..data.coco import validate_coco
+    from ..data.records import read_json
 
     data = read_json(annotation_file)
     validate_coco(data, annotation_file)

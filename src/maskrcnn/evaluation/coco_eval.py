@@ -144,7 +144,8 @@ def coco_ground_truth(annotation_file, dataset=None) -> COCO:
     (wrong form or size, non-finite numbers) are left out with one warning; ``maskrcnn
     check-data`` names them.  A file where nothing needs filling is used exactly as it is.
     """
-    from ..data.coco import annotation_segmentation, read_json, validate_coco
+    from ..data.coco import annotation_segmentation, validate_coco
+    from ..data.records import read_json
     from ..data.segmentation import form_problem, is_rle
 
     data = read_json(annotation_file)
@@ -198,7 +199,7 @@ def read_results(path, coco_gt: COCO | None = None) -> list[dict]:
     tool): a list of objects with ``image_id``, ``category_id``, ``score`` and ``bbox`` and / or
     ``segmentation`` (compressed RLE).  DataError naming the file and the first bad record;
     with ``coco_gt``, also for an image id the annotations do not have."""
-    from ..data.coco import read_json
+    from ..data.records import read_json
 
     records = read_json(path)
     if not isinstance(records, list):
