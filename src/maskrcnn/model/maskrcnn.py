@@ -44,15 +44,21 @@ class MaskRCNN(nn.Module):
     class_names: optional names, index = class id (0 = "BG").
     category_ids: optional dataset category id of each class id (index 0, the background, 0),
         e.g. COCO's 1..90 with gaps: what ``detect`` and ``evaluate`` write in results files.
+    mode, model_dir: Matterport's constructor keywords: mode "training" or "inference" (both
+        can train and detect here; it only sets train/eval mode), model_dir the folder
+        :meth:`fit` writes its run folder into (default "logs").
     """
 
     def __init__(self, config: Config | None = None, class_names: list[str] | None = None,
-                 category_ids: list | None = None):
+                 category_ids: list | None = None, *, mode: str | None = None, model_dir=None):
         super().__init__()
         config = config or Config()
         self.config = config
         self.class_names = list(class_names) if class_names else None
         self.category_ids = list(category_ids) if category_ids else None
+        # Matterport's MaskRCNN(mode, config, model_dir): where fit() puts its run folder
+        # (log_dir, set by the first fit) and how many epochs it has trained.
+        self.model_dir, self.log_dir, self.epoch = model_dir, None, 0
         c = config.top_down_pyramid_size
         self.backbone = ResNet(config.backbone, config.backbone_style, config.train_bn)
         self.fpn = FPN(self.backbone.out_channels, c)
@@ -62,6 +68,9 @@ class MaskRCNN(nn.Module):
         self.mask_head = MaskHead(c, config.num_classes, config.mask_head_channels, config.mask_head_bn, config.train_bn,
                                   config.head_bn_eps)
         self._anchor_cache: dict = {}
+        if mode not in (None, "training", "inference"):
+            raise ValueError(f"mode={mode!r}: expected 'training' or 'inference'")
+        self.train(mode != "inference")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -252,6 +261,16 @@ class MaskRCNN(nn.Module):
             return self.detect(images)
         from .training import training_losses
         return training_losses(self, images, targets)
+
+    def fit(self, dataset_train, dataset_val, learning_rate: float, epochs: int, layers: str = "all",
+            augmentation=None, model_dir=None, **kwargs) -> dict:
+        """Matterport's ``model.train``: train up to epoch ``epochs`` (counted from the first
+        fit) on prepared :class:`maskrcnn.Dataset` objects, ``config.steps_per_epoch`` steps an
+        epoch and ``config.validation_steps`` validation batches after each, into
+        ``self.log_dir``.  ``augmentation``: a ``torchvision.transforms.v2`` transform or a
+        callable (image, target) -> (image, target).  See :mod:`maskrcnn.engine.fit`."""
+        from ..engine.fit import fit
+        return fit(self, dataset_train, dataset_val, learning_rate, epochs, layers, augmentation, model_dir, **kwargs)
 
     def set_trainable(self, layers: str = "all") -> list[str]:
         """Freeze every parameter except those of a Matterport regime ("heads", "3+", "4+",
