@@ -7,23 +7,28 @@ killed mid-save leaves at worst a stray ``.ckpt-*.tmp`` that is never mistaken f
 Everything in it is a tensor or a plain Python value, so it loads with
 ``torch.load(weights_only=True)`` (no pickled code runs when a checkpoint is read).
 
+A full disk or an unwritable folder during a save raises MaskRCNNError naming the file; the
+temporary file is removed and the earlier checkpoints stay as they were.
+
 For testing kills during a save, the environment variable ``MASKRCNN_SLEEP_IN_SAVE`` (seconds)
 pauses a save between writing the temporary file and renaming it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import WeightsError
-from ..utils import atomic_write_with
+from ..errors import MaskRCNNError, WeightsError
+from ..utils import atomic_write_bytes, atomic_write_with
 from ..weights.matching import load_state_partial
 
 log = logging.getLogger(__name__)
@@ -89,7 +94,10 @@ def save_checkpoint(folder, step: int, model: torch.nn.Module, optimizer=None, s
     path = checkpoint_path(folder, step)
 
     def write(tmp):
-        torch.save(state, tmp)
+        # through a Python file object: a full disk is then an OSError (ENOSPC), where
+        # torch.save(state, name) reports a bare RuntimeError from its zip writer
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
         pause = float(os.environ.get(SLEEP_IN_SAVE_ENV, "0") or 0)
         if pause > 0:
             time.sleep(pause)
@@ -142,6 +150,52 @@ def restore(state: dict, model: torch.nn.Module, optimizer=None, scheduler=None)
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return int(state["step"])
+
+
+# ---- model folders ---------------------------------------------------------------------------
+def save_model_folder(model: torch.nn.Module, folder, files: dict | None = None) -> Path:
+    """Write ``model`` (``model.save``'s layout, or ``model.safetensors`` for another module)
+    and ``files`` ({name: JSON value}) into ``folder``, replacing it as a whole: everything is
+    written into a hidden sibling ``.<name>.new`` first, then swapped in by renames, so a
+    reader (or a kill) never finds a half-written model; :func:`recover_model_folder` mends
+    the one moment between the two renames.  Raises MaskRCNNError on a full disk or an
+    unwritable folder (the earlier ``folder`` stays)."""
+    folder = Path(folder)
+    new, old = folder.parent / f".{folder.name}.new", folder.parent / f".{folder.name}.old"
+    try:
+        shutil.rmtree(new, ignore_errors=True)
+        new.mkdir(parents=True)
+        if hasattr(model, "save"):
+            model.save(new)
+        else:
+            from safetensors.torch import save
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            atomic_write_bytes(new / "model.safetensors", save(state))
+        for name, value in (files or {}).items():
+            atomic_write_bytes(new / name, (json.dumps(value, indent=1) + "\n").encode())
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(new, folder)
+    except OSError as e:
+        shutil.rmtree(new, ignore_errors=True)
+        raise MaskRCNNError(f"{folder}: cannot write ({e.strerror or e})") from None
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def recover_model_folder(folder) -> None:
+    """Finish or undo a :func:`save_model_folder` that was killed: the previous model comes back
+    if the new one was not yet in place; a half-written ``.new`` is removed."""
+    folder = Path(folder)
+    new, old = folder.parent / f".{folder.name}.new", folder.parent / f".{folder.name}.old"
+    if not folder.exists() and old.is_dir():
+        os.replace(old, folder)
+    for stale in (new, old):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 # ---- fine-tuning -----------------------------------------------------------------------------

@@ -18,8 +18,9 @@ class WarmupDecay:
     warmup_steps: the factor rises linearly from 1/warmup_steps to 1 over these steps.
     schedule:     "step" (times ``gamma`` at each of ``milestones``), "cosine" (from 1 down to 0
                   at ``total_steps``, counted after the warm-up) or "constant".
-    total_steps:  length of the run (cosine only); may be changed while training (the demo sets
-                  it once it knows how many steps fit in its time budget).
+    total_steps:  length of the run (cosine only); changed while training through
+                  :meth:`set_total_steps` (a time-budgeted run sets it once it knows how many
+                  steps fit).
     """
 
     warmup_steps: int = 0
@@ -42,11 +43,16 @@ class WarmupDecay:
             raise ValueError(f"unknown lr schedule {self.schedule!r}")
         return warm * decay
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """Make the schedule end at optimizer step ``total_steps`` (at least 1)."""
+        self.total_steps = max(1, int(total_steps))
+
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int
                     ) -> tuple[torch.optim.lr_scheduler.LambdaLR, WarmupDecay]:
     """LambdaLR over ``optimizer`` from ``config.warmup_steps``, ``lr_schedule``, ``lr_steps``
-    and ``lr_gamma``.  Returns the scheduler and its factor function (to adjust total_steps)."""
+    and ``lr_gamma``.  Returns the scheduler and its factor function (whose
+    :meth:`WarmupDecay.set_total_steps` changes the run's length)."""
     factor = WarmupDecay(config.warmup_steps, config.lr_schedule, tuple(config.lr_steps),
                          config.lr_gamma, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), factor

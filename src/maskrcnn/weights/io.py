@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..errors import WeightsError
-from ..utils import atomic_write_bytes, atomic_write_with
+from ..utils import atomic_write_bytes
 from .matching import load_state_exact
 
 WEIGHTS_FILE = "model.safetensors"
@@ -22,13 +22,15 @@ def save_model(model, path) -> None:
     """Write ``path/model.safetensors``, ``path/config.yaml`` and ``path/meta.json``, each
     atomically; the weights go last-but-one so a reader never pairs new weights with an old
     config of a different shape."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     model.config.save(path / CONFIG_FILE)
-    atomic_write_with(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "maskrcnn"}))
+    # bytes written by Python: a full disk is an OSError (one error line), where save_file
+    # raises safetensors' own error type
+    atomic_write_bytes(path / WEIGHTS_FILE, save(state, metadata={"format": "maskrcnn"}))
     meta = {"class_names": model.class_names, "category_ids": getattr(model, "category_ids", None)}
     atomic_write_bytes(path / META_FILE, json.dumps(meta).encode())
 

@@ -1,0 +1,271 @@
+"""What the training loop does besides optimizer steps, as hooks (Detectron2's ``HookBase``).
+
+:meth:`Trainer.fit <maskrcnn.engine.trainer.Trainer.fit>` is ``before_train``, then
+``run_step`` + ``after_step`` until the last step, then ``after_train``; each hook is called in
+list order.  The default hooks, in that order:
+
+  TimeBudget        stop when ``max_seconds`` is up; re-fits the schedule's length to the pace
+  MetricsLogger     window means of the losses to metrics.jsonl / TensorBoard; the tqdm bar
+  Evaluation        validation every ``eval_every`` steps and at the end, ``model_best/`` at the
+                    highest validation metric, early stop after ``patience`` evaluations
+                    without improvement
+  Checkpointer      ``checkpoints/ckpt-<step>.pt`` every ``checkpoint_every`` steps and at the end
+
+A hook with state (the logger's open window, the best value so far) returns it from
+``state_dict`` and gets it back from ``load_state_dict``: the checkpoint stores it, so a resumed
+run logs, evaluates and stops exactly as the uninterrupted run would.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .distributed import barrier, reduce_mean, unwrap
+
+log = logging.getLogger(__name__)
+
+#: A time-limited run re-estimates how many steps fit in its budget after 10 steps, then
+#: every RATE_CHECK_EVERY steps.
+FIRST_RATE_CHECK = 10
+RATE_CHECK_EVERY = 100
+#: Subfolder of the run folder holding the model with the best validation metric.
+BEST_MODEL_DIR = "model_best"
+BEST_INFO_FILE = "best.json"
+
+
+class HookBase:
+    """Override any of the methods; ``self.trainer`` is set before ``before_train``."""
+
+    trainer = None
+
+    def before_train(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        """Called after every optimizer step; ``trainer.step`` is the number of steps done and
+        ``trainer.values`` that step's float losses."""
+
+    def after_train(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        """Plain values to store in each checkpoint (restored by ``load_state_dict``)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def periodic_step_due(trainer, every: int) -> bool:
+    """True at every ``every``-th step except the last (``after_train`` handles that one)."""
+    return bool(every) and trainer.step % every == 0 and not trainer.is_last_step()
+
+
+class TimeBudget(HookBase):
+    """Stop when ``max_seconds`` have passed.  After FIRST_RATE_CHECK steps (and every
+    RATE_CHECK_EVERY) the schedule's length becomes the number of steps that fit, so a cosine
+    rate still decays to about 0 by the end."""
+
+    def __init__(self, max_seconds: float):
+        self.max_seconds = max_seconds
+
+    def before_train(self) -> None:
+        self.started = time.perf_counter()
+        self.start_step = self.trainer.step
+        self.checked = (0, 0.0)  # (steps, seconds) at the last rate check
+
+    def after_step(self) -> None:
+        t = self.trainer
+        elapsed = time.perf_counter() - self.started
+        done = t.step - self.start_step
+        if done == FIRST_RATE_CHECK or done % RATE_CHECK_EVERY == 0:
+            # the first steps are slow and a shared machine's speed drifts: re-estimate from
+            # the rate since the previous check
+            rate = (done - self.checked[0]) / max(elapsed - self.checked[1], 1e-9)
+            fit_steps = int(rate * max(self.max_seconds - elapsed, 0.0))
+            t.set_total_steps(max(t.step + 1, min(t.max_steps, t.step + fit_steps)))
+            self.checked = (done, elapsed)
+        if elapsed >= self.max_seconds:
+            t.request_stop(f"the time budget of {self.max_seconds:.0f} s is used")
+
+
+class MetricsLogger(HookBase):
+    """Every ``log_every`` steps (and at the last), the mean of each loss over the steps since
+    the previous record, with the learning rate and speed, goes to metrics.jsonl and
+    TensorBoard; the tqdm bar shows each step's losses."""
+
+    def __init__(self, log_every: int, progress: bool):
+        self.log_every, self.progress = log_every, progress
+        self.window: list[dict] = []
+        self.last: dict = {}
+
+    def before_train(self) -> None:
+        t = self.trainer
+        self.window_start = time.perf_counter()
+        self.bar = None
+        if self.progress and t.info.is_main:
+            from tqdm import tqdm
+            self.bar = tqdm(total=t.total_steps, initial=t.step, desc="train", dynamic_ncols=True,
+                            smoothing=0.1)
+
+    def after_step(self) -> None:
+        t = self.trainer
+        self.window.append(t.values)
+        if self.bar is not None:
+            self.bar.total = t.total_steps
+            self.bar.update(1)
+            shown = {k: f"{v:.3f}" for k, v in t.values.items() if k.endswith("loss")}
+            self.bar.set_postfix(shown | {"lr": f"{t.learning_rate:.2g}"}, refresh=False)
+        if t.step % self.log_every == 0 or t.is_last_step():
+            self.flush()
+
+    def flush(self) -> None:
+        """Log the mean of the open window (nothing when it is empty)."""
+        if not self.window:
+            return
+        t = self.trainer
+        now = time.perf_counter()
+        mean = {k: sum(w[k] for w in self.window) / len(self.window) for k in self.window[0]}
+        self.last = reduce_mean(mean, t.info.device)
+        t.log({"step": t.step, "lr": t.learning_rate, **self.last,
+               "it_per_s": len(self.window) / max(now - self.window_start, 1e-9),
+               "seconds": now - t.started})
+        self.window, self.window_start = [], now
+
+    def after_train(self) -> None:
+        self.flush()
+        if self.bar is not None:
+            self.bar.close()
+
+    def state_dict(self) -> dict:
+        return {"window": list(self.window)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window = list(state.get("window", []))
+
+
+class Evaluation(HookBase):
+    """``evaluate(model) -> {name: value}`` in eval mode on rank 0 every ``every`` steps (0 =
+    only at the end) and after the last step; logged as ``val/<name>``.
+
+    best_metric: the name whose highest value is kept in ``out_dir/model_best/`` (with
+                 ``best.json``: step, metric, value, all metrics); ignored when ``evaluate``
+                 does not return it.
+    patience:    stop after this many evaluations in a row without a new best (None = never).
+    """
+
+    def __init__(self, evaluate: Callable, every: int = 0, best_metric: str = "mask_AP",
+                 patience: int | None = None):
+        self.evaluate, self.every = evaluate, every
+        self.best_metric, self.patience = best_metric, patience
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.stale = 0  # evaluations since the best
+        self.last_step: int | None = None
+        self.metrics: dict = {}
+
+    def after_step(self) -> None:
+        if periodic_step_due(self.trainer, self.every):
+            self.run()
+
+    def after_train(self) -> None:
+        if self.last_step != self.trainer.step:
+            self.run()
+
+    def run(self) -> dict:
+        """Evaluate now, log, update the best model and the patience count."""
+        t = self.trainer
+        self.last_step = t.step
+        metrics = {}
+        if t.info.is_main:
+            model = unwrap(t.wrapped)
+            model.eval()
+            with torch.no_grad():
+                metrics = {k: None if v is None else float(v) for k, v in self.evaluate(model).items()}
+            model.train()
+            t.log({"step": t.step, **{f"val/{k}": v for k, v in metrics.items()}})
+            self._track_best(model, metrics)
+        barrier()
+        self.metrics = {f"val/{k}": v for k, v in metrics.items()}
+        return self.metrics
+
+    def _track_best(self, model, metrics: dict) -> None:
+        if self.best_metric not in metrics:
+            return
+        value = metrics[self.best_metric]
+        t = self.trainer
+        if value is not None and (self.best_value is None or value > self.best_value):
+            self.best_value, self.best_step, self.stale = value, t.step, 0
+            from .checkpoint import save_model_folder
+            save_model_folder(model, t.out_dir / BEST_MODEL_DIR,
+                              {BEST_INFO_FILE: {"step": t.step, "metric": f"val/{self.best_metric}",
+                                                "value": value, "metrics": metrics}})
+            log.info("step %d: new best val/%s %.4f -> %s", t.step, self.best_metric, value,
+                     t.out_dir / BEST_MODEL_DIR)
+            return
+        self.stale += 1
+        if self.patience is not None and self.stale >= self.patience:
+            best = "none yet" if self.best_value is None else f"{self.best_value:.4f} at step {self.best_step}"
+            t.request_stop(f"no better val/{self.best_metric} in {self.stale} evaluations (best {best})")
+
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_step": self.best_step, "stale": self.stale,
+                "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_value, self.best_step = state.get("best_value"), state.get("best_step")
+        self.stale, self.last_step = int(state.get("stale", 0)), state.get("last_step")
+
+
+class Checkpointer(HookBase):
+    """A checkpoint every ``every`` steps (0 = only at the end) and after the last step."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.saved_step: int | None = None
+
+    def after_step(self) -> None:
+        if periodic_step_due(self.trainer, self.every):
+            self.save()
+
+    def after_train(self) -> None:
+        if self.saved_step != self.trainer.step:
+            self.save()
+
+    def save(self) -> None:
+        self.trainer.save()
+        self.saved_step = self.trainer.step
+
+
+def ap_evaluator(dataset, class_names: list[str], batch_size: int = 4, progress: bool = True):
+    """``evaluate(model) -> {"mask_AP", "mask_AP50", "box_AP", "box_AP50"}`` on the whole of
+    ``dataset`` (items ``(image uint8 [3, H, W], target)``, labels in the model's class ids),
+    with ``maskrcnn.evaluation``'s COCO evaluator and a progress bar on a terminal."""
+    def evaluate(model) -> dict:
+        from tqdm import tqdm
+
+        from ..evaluation.coco_eval import evaluate_detections
+
+        targets, detections = [], []
+        with tqdm(total=len(dataset), desc="validate", unit="img", leave=False,
+                  disable=None if progress else True) as bar:
+            for start in range(0, len(dataset), batch_size):
+                items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                detections += model.detect([image for image, _ in items])
+                targets += [target for _, target in items]
+                bar.update(len(items))
+        m = evaluate_detections(targets, detections, class_names)
+        return {"mask_AP": m["segm"]["AP"], "mask_AP50": m["segm"]["AP50"],
+                "box_AP": m["bbox"]["AP"], "box_AP50": m["bbox"]["AP50"]}
+    return evaluate
+
+
+def read_best_info(run_dir) -> dict | None:
+    """``model_best/best.json`` of a run folder (step, metric, value, metrics), or None."""
+    path = Path(run_dir) / BEST_MODEL_DIR / BEST_INFO_FILE
+    return json.loads(path.read_text()) if path.exists() else None
