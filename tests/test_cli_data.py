@@ -270,3 +270,17 @@ def test_evaluate_skips_an_unreadable_image_and_detect_takes_coco_image_ids(tmp_
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["num_images"] == 2
     assert {r["image_id"] for r in json.loads((tmp_path / "m_results.json").read_text())} <= {5, 11}
+
+
+@pytest.mark.parametrize("top", [4095, 235])
+def test_detect_overlay_of_a_sixteen_bit_image_looks_like_itself(tmp_path, model_dir, top):
+    """A 12-bit camera image (0..4095) or a dim one (0..235) saved as 16-bit: the overlay spans
+    0..255 (255/65535 made them black), with the ramp's middle mid-grey."""
+    ramp = np.tile(np.linspace(0, top, 64).round().astype(np.uint16), (48, 1))
+    Image.fromarray(ramp).save(tmp_path / "cells.png")
+    out = tmp_path / "out"
+    assert main(["detect", "--weights", str(model_dir), "--out", str(out), "--set", "detection_min_confidence=1.0",
+                 str(tmp_path / "cells.png")]) == 0
+    overlay = np.asarray(Image.open(out / "cells.png"))[..., 0]
+    assert overlay.min() == 0 and overlay.max() == 255
+    assert abs(int(overlay[24, 32]) - 128) <= 3
