@@ -267,3 +267,23 @@ def test_model_keeps_category_ids_and_results_use_them(tmp_path):
     det = Detections(torch.tensor([[0, 0, 2, 2.0]]), torch.tensor([3]), torch.tensor([0.5]),
                      torch.ones(1, 4, 4, dtype=torch.bool))
     assert det.to_coco(42, again.category_ids)[0]["category_id"] == 7
+
+
+def test_torchvision_coco_weights_carry_the_91_id_table(monkeypatch, tmp_path):
+    """`convert --from torchvision coco`: class id = COCO category id, "N/A" where COCO has none
+    (the download is replaced by random weights of the same shapes)."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    import maskrcnn.weights.torchvision as tv_weights
+    from maskrcnn import MaskRCNN
+    from maskrcnn.cli import main
+
+    state = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).state_dict()
+    monkeypatch.setattr(tv_weights, "read_torchvision",
+                        lambda source: (state, tv_weights.coco_class_names()) if source == "coco" else None)
+    assert main(["convert", "--from", "torchvision", "coco", str(tmp_path / "tv")]) == 0
+    model = MaskRCNN.load(tmp_path / "tv")
+    assert model.category_ids == list(range(91))
+    names = model.class_names
+    assert names[1] == "person" and names[12] == "N/A" and names[13] == "stop sign" and names[90] == "toothbrush"
+    assert sum(n == "N/A" for n in names) == 10  # COCO's 80 categories use 80 of the ids 1..90
