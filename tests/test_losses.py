@@ -27,22 +27,22 @@ def test_rpn_class_loss_softmax_ignores_label_minus_one():
     logits = torch.tensor([[0.2, 1.5], [2.0, -1.0], [9.0, 9.0], [-0.5, 0.3]])
     labels = torch.tensor([1, 0, -1, 1])
     expected = np_cross_entropy(logits[[0, 1, 3]].numpy(), [1, 0, 1])
-    assert L.rpn_class_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert L.rpn_class_loss(logits, labels, "softmax").item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_rpn_class_loss_sigmoid_is_binary_ce():
     logits = torch.tensor([1.2, -0.7, 5.0, 0.1])
     labels = torch.tensor([1, 0, -1, 0])
     expected = np_bce([1.2, -0.7, 0.1], [1, 0, 0])
-    assert L.rpn_class_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert L.rpn_class_loss(logits, labels, "sigmoid").item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_rpn_class_loss_batched_equals_flat():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 2)
     labels = torch.tensor([[1, 0, -1, 0, 1], [0, -1, -1, 1, 0]])
-    flat = L.rpn_class_loss(logits.reshape(-1, 2), labels.reshape(-1))
-    assert L.rpn_class_loss(logits, labels).item() == pytest.approx(flat.item())
+    flat = L.rpn_class_loss(logits.reshape(-1, 2), labels.reshape(-1), "softmax")
+    assert L.rpn_class_loss(logits, labels, "softmax").item() == pytest.approx(flat.item())
 
 
 def test_rpn_bbox_loss_over_positives_only():
@@ -81,7 +81,7 @@ def test_mrcnn_mask_loss_uses_the_gt_class_mask():
 
 
 @pytest.mark.parametrize("loss, args", [
-    (L.rpn_class_loss, lambda p: (p(4, 2), torch.full((4,), -1))),
+    (L.rpn_class_loss, lambda p: (p(4, 2), torch.full((4,), -1), "softmax")),
     (L.rpn_bbox_loss, lambda p: (p(4, 4), torch.zeros(4, 4), torch.tensor([0, 0, -1, 0]))),
     (L.mrcnn_class_loss, lambda p: (p(0, 3), torch.zeros(0, dtype=torch.int64))),
     (L.mrcnn_bbox_loss, lambda p: (p(2, 3, 4), torch.zeros(2, 4), torch.tensor([0, 0]))),

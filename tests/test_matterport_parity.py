@@ -12,7 +12,7 @@ import torch
 import maskrcnn
 from maskrcnn import Config
 from maskrcnn import boxes as B
-from maskrcnn.model.detection import detect_boxes
+from maskrcnn.model.detection import detect_boxes, unmold
 from maskrcnn.model.preprocess import mold_images, resize_bilinear_uint8, resize_matterport
 from maskrcnn.model.proposals import propose_global
 
@@ -148,7 +148,8 @@ def test_unmold_teacher_forced(case, model):
     raw = dict(boxes=torch.from_numpy(xy(det[:n, :4])), class_ids=torch.from_numpy(cls),
                scores=torch.from_numpy(det[:n, 5]),
                mask_probs=torch.from_numpy(e["mrcnn_mask"][0][np.arange(n), :, :, cls]))
-    out = model.unmold(raw, metas[0], (128, 128))
+    cfg = model.config
+    out = unmold(raw, metas[0], (128, 128), cfg.box_frame, cfg.mask_paste, cfg.mask_threshold)
     np.testing.assert_array_equal(xy(out.boxes.numpy()), e["rois"])
     np.testing.assert_array_equal(out.labels.numpy(), e["class_ids"])
     np.testing.assert_array_equal(out.masks.numpy(), e["masks"].transpose(2, 0, 1).astype(bool))

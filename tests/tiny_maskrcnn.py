@@ -62,7 +62,7 @@ class TinyMaskRCNN(nn.Module):
                                 "mrcnn_bbox_loss", "mrcnn_mask_loss"), 0.0)
         for i, t in enumerate(targets):
             labels, target_deltas = build_rpn_targets(anchors, t["boxes"], t["iscrowd"], 64)
-            totals["rpn_class_loss"] += L.rpn_class_loss(logits[i], labels)
+            totals["rpn_class_loss"] += L.rpn_class_loss(logits[i], labels, "softmax")
             totals["rpn_bbox_loss"] += L.rpn_bbox_loss(deltas[i], target_deltas, labels)
             with torch.no_grad():
                 boxes = clip_boxes(apply_box_deltas(anchors, deltas[i]), window)

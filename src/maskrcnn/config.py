@@ -50,6 +50,17 @@ class ConfigError(MaskRCNNError, ValueError):
 #: The five training losses; ``loss_weights`` holds one weight for each.
 LOSS_NAMES = ("rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss", "mrcnn_mask_loss")
 
+_HEADS = r"fpn|rpn|box_head|mask_head"
+#: Matterport's ``layers=`` training regimes, as regular expressions over the model's parameter
+#: names: the one table ``MaskRCNN.set_trainable``, the trainer and ``train --layers`` read.
+LAYER_REGIMES = {
+    "heads": rf"({_HEADS})\..*",
+    "3+": rf"(backbone\.layer[234]|{_HEADS})\..*",
+    "4+": rf"(backbone\.layer[34]|{_HEADS})\..*",
+    "5+": rf"(backbone\.layer4|{_HEADS})\..*",
+    "all": r".*",
+}
+
 _CHOICES = {
     "backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
     "image_resize_mode": ("none", "square", "pad64", "crop", "torchvision"),

@@ -1,8 +1,9 @@
-"""DetectionLayer (final boxes, classes, scores) and full-size mask pasting.
+"""DetectionLayer (final boxes, classes, scores), and back to the original image.
 
 ``detect_boxes`` turns classifier outputs over the proposals into at most
-``detection_max_instances`` detections; ``paste_masks_matterport`` / ``paste_masks_torchvision``
-resample the 28x28 mask of each detection into the original image.
+``detection_max_instances`` detections; ``unmold`` maps them from the molded batch to the
+original image, where ``paste_masks_matterport`` / ``paste_masks_torchvision`` resample the
+28x28 mask of each detection.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms, remove_small_boxes
 
-from ..boxes import apply_box_deltas, clip_boxes
+from ..boxes import apply_box_deltas, clip_boxes, normalize_boxes
+from ..structures import Detections
 
 
 def stable_score_order(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -120,3 +122,44 @@ def paste_masks_torchvision(masks: torch.Tensor, boxes: torch.Tensor, image_shap
             continue
         out[i, y0:y1, x0:x1] = resized[y0 - by1:y1 - by1, x0 - bx1:x1 - bx1] > threshold
     return out
+
+
+def unmold(det: dict, meta, image_shape, box_frame: str, mask_paste: str, mask_threshold: float) -> Detections:
+    """One image's detections, from the frame of the molded batch to its original pixels.
+
+    det: ``boxes`` [D, (x1, y1, x2, y2)] in the model's box frame (``box_frame``: "normalized"
+    over the molded batch of ``image_shape`` (H, W), or its "pixel"s), ``class_ids`` [D],
+    ``scores`` [D], ``mask_probs`` [D, m, m] (each detection's class mask).
+    meta: the image's :class:`~maskrcnn.model.preprocess.ImageMeta`.
+    mask_paste: "matterport" or "torchvision" (:func:`paste_masks_matterport`,
+    :func:`paste_masks_torchvision`); masks are kept where the probability passes ``mask_threshold``.
+    Returns :class:`Detections` on the CPU: boxes float32 original pixels, masks [D', h, w] bool.
+    """
+    h, w = meta.original_shape
+    y1, x1, y2, x2 = meta.window
+    boxes = det["boxes"].float().cpu()
+    if box_frame == "normalized":
+        # Matterport's unmold_detections: shift and scale by the normalized window, then
+        # denorm_boxes on the original shape (round half to even), drop empty boxes.
+        win = normalize_boxes(torch.tensor([x1, y1, x2, y2], dtype=torch.float64), *image_shape).float()
+        shift = win[[0, 1, 0, 1]]
+        scale = torch.stack([win[2] - win[0], win[3] - win[1]])[[0, 1, 0, 1]]
+        boxes = ((boxes - shift) / scale).double()
+        boxes = torch.round(boxes * torch.tensor([w - 1, h - 1, w - 1, h - 1], dtype=torch.float64)
+                            + torch.tensor([0, 0, 1, 1], dtype=torch.float64))
+        keep = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) > 0
+    else:
+        # original / resized size per axis, divided in float32 as torchvision's postprocess
+        ratio = torch.tensor([float(w), float(h)]) / torch.tensor([float(x2 - x1), float(y2 - y1)])
+        boxes = (boxes - torch.tensor([x1, y1, x1, y1], dtype=torch.float32)) * ratio[[0, 1, 0, 1]]
+        keep = torch.ones(boxes.shape[0], dtype=torch.bool)
+    masks = det["mask_probs"].float().cpu()[keep]
+    boxes, labels, scores = boxes[keep], det["class_ids"].cpu()[keep], det["scores"].float().cpu()[keep]
+    if mask_paste == "matterport":
+        ib = boxes.round().long()
+        ib[:, 0::2] = ib[:, 0::2].clamp(0, w)
+        ib[:, 1::2] = ib[:, 1::2].clamp(0, h)
+        full = paste_masks_matterport(masks, ib, (h, w), mask_threshold)
+    else:
+        full = paste_masks_torchvision(masks, boxes, (h, w), mask_threshold)
+    return Detections(boxes.float(), labels.long(), scores, full)

@@ -25,14 +25,15 @@ def smooth_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.smooth_l1_loss(pred, target.to(pred.dtype), beta=1.0, reduction="mean")
 
 
-def rpn_class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def rpn_class_loss(logits: torch.Tensor, labels: torch.Tensor, objectness: str) -> torch.Tensor:
     """Anchor objectness loss, averaged over the sampled anchors.
 
-    logits: [..., A, 2] (bg, fg) softmax logits, or [..., A] one sigmoid objectness logit.
+    logits: [..., A, 2] (bg, fg) logits of a "softmax" head, or [..., A] one logit of a
+            "sigmoid" head (``objectness``: the head's ``kind``).
     labels: [..., A] int64 from ``build_rpn_targets``: 1 positive, 0 negative, -1 ignored.
     Returns cross-entropy (softmax) or binary cross-entropy (sigmoid) over labels != -1.
     """
-    softmax = logits.dim() == labels.dim() + 1 and logits.shape[-1] == 2
+    softmax = objectness == "softmax"
     labels = labels.reshape(-1)
     sampled = labels >= 0
     if not bool(sampled.any()):

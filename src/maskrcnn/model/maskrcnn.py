@@ -9,32 +9,41 @@ returns one :class:`maskrcnn.Detections` per image.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from .. import boxes as box_ops
-from ..config import Config
+from ..config import LAYER_REGIMES, Config
 from ..structures import Detections
 from .anchors import pyramid_anchors, torchvision_strides
 from .backbone import FPN, ResNet
-from .detection import detect_boxes, paste_masks_matterport, paste_masks_torchvision
+from .detection import detect_boxes, unmold
 from .heads import BoxHead, MaskHead
 from .preprocess import ImageMeta, mold_images
 from .proposals import propose_global, propose_per_level
 from .roi_align import pyramid_roi_align
-from .rpn import RPNHead, foreground_scores
+from .rpn import RPNHead
 
 
-#: Matterport's ``layers=`` regimes, as regular expressions over our module names.
-LAYER_REGIMES = {
-    "heads": r"(fpn|rpn|box_head|mask_head)\..*",
-    "3+": r"(backbone\.layer[234]|fpn|rpn|box_head|mask_head)\..*",
-    "4+": r"(backbone\.layer[34]|fpn|rpn|box_head|mask_head)\..*",
-    "5+": r"(backbone\.layer4|fpn|rpn|box_head|mask_head)\..*",
-    "all": r".*",
-}
+class FirstStage(NamedTuple):
+    """What :meth:`MaskRCNN.first_stage` computes for a molded batch of N images.
+
+    features:   [P2, P3, P4, P5, P6], each [N, C, H_l, W_l].
+    rpn_logits: [N, A, 2] (softmax head) or [N, A] (sigmoid head), ``RPNHead.kind``.
+    rpn_deltas: [N, A, (dx, dy, log dw, log dh)] before multiplying by the std-dev.
+    anchors:    [A, (x1, y1, x2, y2)] in the model's box frame.
+    proposals:  per image [P_i, (x1, y1, x2, y2)] in the model's box frame, no gradient
+                (None when not asked for).
+    """
+
+    features: list
+    rpn_logits: torch.Tensor
+    rpn_deltas: torch.Tensor
+    anchors: torch.Tensor
+    proposals: list | None
 
 
 class MaskRCNN(nn.Module):
@@ -122,15 +131,30 @@ class MaskRCNN(nn.Module):
         out = []
         for i in range(rpn_deltas.shape[0]):
             if cfg.proposal_selection == "global":
-                scores = foreground_scores(rpn_logits[i:i + 1])[0]
+                scores = self.rpn.foreground_probability(rpn_logits[i])
                 out.append(propose_global(scores, rpn_deltas[i], anchors, windows[i], cfg.pre_nms_limit, count,
                                           cfg.rpn_nms_threshold, std, cfg.bbox_decode_clip, cfg.rpn_min_size))
             else:
-                logits = rpn_logits[i] if rpn_logits.dim() == 2 else rpn_logits[i, :, 1] - rpn_logits[i, :, 0]
+                logits = self.rpn.foreground_logit(rpn_logits[i])
                 out.append(propose_per_level(logits, rpn_deltas[i], anchors, windows[i], level_sizes,
                                              cfg.pre_nms_limit, count, cfg.rpn_nms_threshold, std,
                                              cfg.bbox_decode_clip, cfg.rpn_min_size))
         return out
+
+    def first_stage(self, batch: torch.Tensor, metas: list[ImageMeta], proposal_count: int | None) -> FirstStage:
+        """Backbone, FPN, RPN, anchors and (unless ``proposal_count`` is None) the ProposalLayer
+        on a molded batch [N, 3, H, W]: the part of the network training and inference share."""
+        image_shape = tuple(batch.shape[-2:])
+        features = self.features(batch)
+        rpn_logits, rpn_deltas = self.rpn(features)
+        anchors, level_sizes = self.anchors(image_shape, batch.device)
+        proposals = None
+        if proposal_count is not None:
+            windows = [self.proposal_window(m, image_shape, batch.device) for m in metas]
+            with torch.no_grad():
+                proposals = [boxes for boxes, _ in self.propose(rpn_logits.detach(), rpn_deltas.detach(), anchors,
+                                                                level_sizes, windows, proposal_count)]
+        return FirstStage(features, rpn_logits, rpn_deltas, anchors, proposals)
 
     def roi_features(self, features, rois: list[torch.Tensor], size: int, image_shape) -> torch.Tensor:
         """PyramidROIAlign over P2..P5 of a batch molded to ``image_shape`` (H, W):
@@ -181,7 +205,8 @@ class MaskRCNN(nn.Module):
         device = self.device
         batch, metas = mold_images(images, cfg, device)
         raw = self.run_inference(batch, metas)
-        return [self.unmold(det, meta, tuple(batch.shape[-2:])) for det, meta in zip(raw, metas)]
+        return [unmold(det, meta, tuple(batch.shape[-2:]), cfg.box_frame, cfg.mask_paste, cfg.mask_threshold)
+                for det, meta in zip(raw, metas)]
 
     def run_inference(self, batch: torch.Tensor, metas: list[ImageMeta]) -> list[dict]:
         """The network on a molded batch.  Returns per image a dict with, in the model's box
@@ -189,68 +214,24 @@ class MaskRCNN(nn.Module):
         ``scores`` [D], ``mask_probs`` [D, 2m, 2m] (the detected class's mask)."""
         cfg = self.config
         image_shape = tuple(batch.shape[-2:])
-        features = self.features(batch)
-        rpn_logits, rpn_deltas = self.rpn(features)
-        anchors, level_sizes = self.anchors(image_shape, batch.device)
-        windows = [self.proposal_window(m, image_shape, batch.device) for m in metas]
-        proposals = self.propose(rpn_logits, rpn_deltas, anchors, level_sizes, windows,
-                                 cfg.post_nms_rois_inference)
-        rois = [p[0] for p in proposals]
-        class_logits, box_deltas = self.classify(features, rois, image_shape)
-        out = []
-        start = 0
+        stage = self.first_stage(batch, metas, cfg.post_nms_rois_inference)
+        rois = stage.proposals
+        class_logits, box_deltas = self.classify(stage.features, rois, image_shape)
+        sizes = [r.shape[0] for r in rois]
         std = box_ops.std_xy(cfg.bbox_std_dev)
-        for i, r in enumerate(rois):
-            n = r.shape[0]
-            window = self.frame_window(metas[i], image_shape, batch.device)
+        out = []
+        for r, logits, deltas, meta in zip(rois, class_logits.split(sizes), box_deltas.split(sizes), metas):
+            window = self.frame_window(meta, image_shape, batch.device)
             boxes, class_ids, scores = detect_boxes(
-                r, class_logits[start:start + n], box_deltas[start:start + n], window, std,
-                cfg.detection_mode, cfg.detection_min_confidence, cfg.detection_nms_threshold,
-                cfg.detection_max_instances, cfg.detection_min_size, cfg.bbox_decode_clip)
+                r, logits, deltas, window, std, cfg.detection_mode, cfg.detection_min_confidence,
+                cfg.detection_nms_threshold, cfg.detection_max_instances, cfg.detection_min_size,
+                cfg.bbox_decode_clip)
             out.append(dict(rpn_rois=r, boxes=boxes, class_ids=class_ids, scores=scores))
-            start += n
-        logits = self.mask_logits(features, [o["boxes"] for o in out], image_shape)
-        start = 0
-        for o in out:
-            n = o["boxes"].shape[0]
-            sel = logits[start:start + n][torch.arange(n, device=logits.device), o["class_ids"]]
-            o["mask_probs"] = torch.sigmoid(sel)
-            start += n
+        mask_logits = self.mask_logits(stage.features, [o["boxes"] for o in out], image_shape)
+        for o, logits in zip(out, mask_logits.split([o["boxes"].shape[0] for o in out])):
+            picked = logits[torch.arange(logits.shape[0], device=logits.device), o["class_ids"]]
+            o["mask_probs"] = torch.sigmoid(picked)
         return out
-
-    def unmold(self, det: dict, meta: ImageMeta, image_shape) -> Detections:
-        """Map one image's detections from the frame of the molded batch (``image_shape``
-        (H, W)) to its original pixels."""
-        cfg = self.config
-        h, w = meta.original_shape
-        y1, x1, y2, x2 = meta.window
-        boxes = det["boxes"].float().cpu()
-        if cfg.box_frame == "normalized":
-            # Matterport's unmold_detections: shift and scale by the normalized window, then
-            # denorm_boxes on the original shape (round half to even), drop empty boxes.
-            win = box_ops.normalize_boxes(torch.tensor([x1, y1, x2, y2], dtype=torch.float64),
-                                          *image_shape).float()
-            shift = win[[0, 1, 0, 1]]
-            scale = torch.stack([win[2] - win[0], win[3] - win[1]])[[0, 1, 0, 1]]
-            boxes = ((boxes - shift) / scale).double()
-            boxes = torch.round(boxes * torch.tensor([w - 1, h - 1, w - 1, h - 1], dtype=torch.float64)
-                                + torch.tensor([0, 0, 1, 1], dtype=torch.float64))
-            keep = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) > 0
-        else:
-            # original / resized size per axis, divided in float32 as torchvision's postprocess
-            ratio = torch.tensor([float(w), float(h)]) / torch.tensor([float(x2 - x1), float(y2 - y1)])
-            boxes = (boxes - torch.tensor([x1, y1, x1, y1], dtype=torch.float32)) * ratio[[0, 1, 0, 1]]
-            keep = torch.ones(boxes.shape[0], dtype=torch.bool)
-        masks = det["mask_probs"].float().cpu()[keep]
-        boxes, labels, scores = boxes[keep], det["class_ids"].cpu()[keep], det["scores"].float().cpu()[keep]
-        if cfg.mask_paste == "matterport":
-            ib = boxes.round().long()
-            ib[:, 0::2] = ib[:, 0::2].clamp(0, w)
-            ib[:, 1::2] = ib[:, 1::2].clamp(0, h)
-            full = paste_masks_matterport(masks, ib, (h, w), cfg.mask_threshold)
-        else:
-            full = paste_masks_torchvision(masks, boxes, (h, w), cfg.mask_threshold)
-        return Detections(boxes.float(), labels.long(), scores, full)
 
     # ------------------------------------------------------------------ training
     def forward(self, images, targets=None):

@@ -57,17 +57,18 @@ def propose_per_level(logits, deltas, anchors, window, level_sizes: list[int], p
     :func:`propose_global`; level_sizes: anchors per level, in anchor order.
     Returns (boxes [P, 4], scores [P] probabilities), sorted by descending score.
     """
-    picks, levels = [], []
-    start = 0
-    for lvl, n in enumerate(level_sizes):
-        top = logits[start:start + n].topk(min(pre_nms_limit, n)).indices + start
-        picks.append(top)
+    top_logits, top_deltas, top_anchors, levels = [], [], [], []
+    per_level = zip(logits.split(level_sizes), deltas.split(level_sizes), anchors.split(level_sizes))
+    for lvl, (level_logits, level_deltas, level_anchors) in enumerate(per_level):
+        top = level_logits.topk(min(pre_nms_limit, level_logits.shape[0])).indices
+        top_logits.append(level_logits[top])
+        top_deltas.append(level_deltas[top])
+        top_anchors.append(level_anchors[top])
         levels.append(torch.full_like(top, lvl))
-        start += n
-    picks, levels = torch.cat(picks), torch.cat(levels)
-    boxes = apply_box_deltas(anchors[picks], deltas[picks], std, clip_log_size)
+    levels = torch.cat(levels)
+    boxes = apply_box_deltas(torch.cat(top_anchors), torch.cat(top_deltas), std, clip_log_size)
     boxes = clip_boxes(boxes, window)
-    probs = torch.sigmoid(logits[picks])
+    probs = torch.sigmoid(torch.cat(top_logits))
     keep = remove_small_boxes(boxes, min_size) if min_size > 0 else slice(None)
     boxes, probs, levels = boxes[keep], probs[keep], levels[keep]
     keep = batched_nms(boxes, probs, levels, nms_threshold)[:proposal_count]

@@ -14,12 +14,16 @@ class RPNHead(nn.Module):
     """Objectness and deltas for ``anchors_per_location`` anchors per feature-map cell.
 
     objectness: "softmax" predicts 2 logits (bg, fg) per anchor (Matterport), "sigmoid" one
-    logit (torchvision).
+    logit (torchvision); kept as ``kind``, which tells the proposal layer and the loss how to
+    read the logits.
     """
 
     def __init__(self, in_channels: int, conv_channels: int, anchors_per_location: int,
                  objectness: str = "softmax"):
         super().__init__()
+        if objectness not in ("softmax", "sigmoid"):
+            raise ValueError(f"objectness={objectness!r}: expected 'softmax' or 'sigmoid'")
+        self.kind = objectness
         self.num_logits = 2 if objectness == "softmax" else 1
         self.conv = nn.Conv2d(in_channels, conv_channels, 3, padding=1)
         self.objectness = nn.Conv2d(conv_channels, anchors_per_location * self.num_logits, 1)
@@ -44,9 +48,17 @@ class RPNHead(nn.Module):
         return logits, torch.cat(deltas, dim=1)
 
 
-def foreground_scores(logits: torch.Tensor) -> torch.Tensor:
-    """Foreground probability per anchor from RPN logits: [N, anchors, 2] (softmax, (bg, fg))
-    or [N, anchors] (sigmoid).  Returns [N, anchors]."""
-    if logits.dim() == 3:
-        return torch.softmax(logits, dim=-1)[..., 1]
-    return torch.sigmoid(logits)
+    def foreground_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """This head's logits ([..., anchors, 2] softmax or [..., anchors] sigmoid) -> the
+        foreground probability per anchor, [..., anchors]."""
+        if self.kind == "softmax":
+            return torch.softmax(logits, dim=-1)[..., 1]
+        return torch.sigmoid(logits)
+
+    def foreground_logit(self, logits: torch.Tensor) -> torch.Tensor:
+        """This head's logits -> the log-odds of foreground per anchor, [..., anchors]: the one
+        logit of a sigmoid head, fg - bg of a softmax head (the same order of anchors as
+        :meth:`foreground_probability`)."""
+        if self.kind == "softmax":
+            return logits[..., 1] - logits[..., 0]
+        return logits
