@@ -1,7 +1,10 @@
 """The training loop: SGD, warm-up and decay, clipping, mixed precision, logs, checkpoints, DDP.
 
-    trainer = Trainer(model, train_set, "runs/exp1", config, layers="heads")
+    trainer = Trainer(model, train_set, "runs/exp1", config, layers="heads", val_dataset=val_set)
     trainer.fit(steps=2000, resume=True)
+
+``fit`` is a short loop over :meth:`Trainer.run_step`; logging, validation and the best model,
+checkpoints, the time budget and early stopping are hooks (:mod:`maskrcnn.engine.hooks`).
 
 The model is any ``nn.Module`` whose ``forward(images, targets)`` in train mode returns a dict of
 scalar losses (already weighted); the trainer minimises their sum.  ``model.set_trainable(layers)``
@@ -11,20 +14,25 @@ What lands in ``out_dir``:
   checkpoints/ckpt-<step>.pt   every ``checkpoint_every`` steps and at the end (last ``keep`` kept)
   metrics.jsonl                one JSON record per logged step / validation: {"step", "lr", losses...}
   tb/                          the same scalars for TensorBoard
+  model_best/                  with a validation set: the model at the best validation mask AP
 Only rank 0 writes.  ``fit(resume=True)`` restores the newest readable checkpoint and continues
-exactly: the batch order is a pure function of (seed, epoch) and the RNG states are restored,
-so on the CPU a resumed run repeats the uninterrupted run's losses.
+exactly: the batch order is a pure function of (seed, epoch); each item's augmentation draws
+from generators seeded by (seed, epoch, position), whichever process loads it; the global RNG
+states (the model's sampling) and the hooks' states are restored.  So on the CPU a resumed run
+repeats the uninterrupted run's losses exactly, however often it was killed.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -33,14 +41,55 @@ from ..data.dataset import collate
 from ..errors import MaskRCNNError
 from ..utils import atomic_write_bytes
 from . import checkpoint as ckpt
-from .distributed import DistInfo, barrier, reduce_mean, unwrap, wrap_model
+from .distributed import DistInfo, barrier, unwrap, wrap_model
+from .hooks import Checkpointer, Evaluation, HookBase, MetricsLogger, TimeBudget, ap_evaluator
 from .schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
-#: A time-limited run re-estimates how many steps fit in its budget after 10 steps, then
-#: every RATE_CHECK_EVERY steps.
-RATE_CHECK_EVERY = 100
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global generator and torch (CPU and CUDA) with
+    ``seed``: call it before building the model so the initial weights follow the seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def seeded_rng(*key: int):
+    """Run the body with python, numpy and torch (CPU) global generators seeded from ``key``
+    (e.g. (seed, epoch, position)), then put the previous states back: the body's random draws
+    are a pure function of ``key`` and the caller's streams are untouched."""
+    words = np.random.SeedSequence([k % 2**63 for k in key]).generate_state(2, np.uint32)
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(int(words[0]))
+    np.random.seed(int(words[0]))
+    torch.manual_seed(int(words[0]) << 32 | int(words[1]))
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """``dataset`` read with keys ``(position, index)``: item ``index`` is loaded (and augmented)
+    under :func:`seeded_rng` ``(seed, epoch, position)``.  A DataLoader worker's own random
+    stream depends on which batches it served before; this makes an item's augmentation the
+    same in an uninterrupted run, a resumed one and with any number of workers."""
+
+    def __init__(self, dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        position, index = key
+        with seeded_rng(self.seed, self.epoch, position):
+            return self.dataset[index]
 
 
 def to_device(targets: list[dict], device: torch.device) -> list[dict]:
@@ -87,6 +136,7 @@ def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     return torch.float16
 
 
+
 class Trainer:
     """Trains ``model`` on ``dataset`` (items ``(image uint8 [3,H,W], target dict)``).
 
@@ -94,26 +144,39 @@ class Trainer:
                   gradient_clip_norm, warmup_steps, lr_schedule, lr_steps, lr_gamma,
                   images_per_gpu as the per-process batch size).
     layers:       regime passed to ``model.set_trainable`` (ignored if the model has none).
-    evaluate:     ``evaluate(model) -> {"name": value}``, run on rank 0 in eval mode every
-                  ``eval_every`` steps and at the end (0 = only at the end); e.g. mask and box AP.
+    val_dataset:  validation items ``(image, target)`` (or a prepared :class:`maskrcnn.Dataset`),
+                  labels in the model's class ids: COCO mask and box AP on all of it every
+                  ``eval_every`` steps and at the end; ``out_dir/model_best/`` keeps the model
+                  at the highest ``best_metric`` ("mask_AP"); ``patience`` evaluations without
+                  a new best stop the run.
+    evaluate:     instead of ``val_dataset``, any ``evaluate(model) -> {"name": value}``, run on
+                  rank 0 in eval mode at the same times.
+    hooks:        more :class:`~maskrcnn.engine.hooks.HookBase` objects, called after the
+                  built-in ones.
     info:         this process's place in a distributed run (``init_distributed()``); default
                   single-process on the model's device.
     amp:          "auto", "bf16", "fp16" or "off" (see :func:`autocast_dtype`).
     """
 
     def __init__(self, model: torch.nn.Module, dataset, out_dir, config, *, layers: str = "all",
-                 evaluate: Callable | None = None, eval_every: int = 0, checkpoint_every: int = 500,
-                 keep: int = 3, log_every: int = 20, seed: int = 0, num_workers: int = 0,
-                 info: DistInfo | None = None, amp: str = "auto", progress: bool = True):
+                 val_dataset=None, evaluate: Callable | None = None, eval_every: int = 0,
+                 best_metric: str = "mask_AP", patience: int | None = None,
+                 checkpoint_every: int = 500, keep: int = 3, log_every: int = 20, seed: int = 0,
+                 num_workers: int = 0, info: DistInfo | None = None, amp: str = "auto",
+                 progress: bool = True, hooks: tuple = ()):
         if layers not in LAYER_REGIMES:
             raise MaskRCNNError(f"layers={layers!r} is not one of {', '.join(LAYER_REGIMES)}")
+        for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
+                            ("keep", keep)):
+            if value < 0:
+                raise MaskRCNNError(f"{name}={value}: must be 0 or more")
+        if log_every < 1 or (patience is not None and patience < 1):
+            raise MaskRCNNError(f"log_every={log_every}, patience={patience}: must be 1 or more")
         self.info = info or DistInfo(device=next(model.parameters()).device)
         self.model = model.to(self.info.device)
         self.dataset, self.config, self.layers = dataset, config, layers
         self.out_dir = Path(out_dir)
-        self.evaluate, self.eval_every = evaluate, eval_every
-        self.checkpoint_every, self.keep, self.log_every = checkpoint_every, keep, log_every
-        self.seed, self.num_workers, self.progress = seed, num_workers, progress
+        self.seed, self.num_workers, self.keep = seed, num_workers, keep
         self.batch_size = config.images_per_gpu
         self.amp_dtype = autocast_dtype(self.info.device, amp)
         if len(dataset) < self.batch_size * self.info.world_size:
@@ -127,8 +190,19 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.info.device.type,
                                            enabled=self.amp_dtype == torch.float16)
         self.wrapped = wrap_model(model, self.info)
-        self.step = 0
+        self.step = self.start_step = 0
+        self.max_steps = 1
+        self.values: dict[str, float] = {}
+        self.stop_reason: str | None = None
         self._writer = None
+        if evaluate is None and val_dataset is not None:
+            evaluate = ap_evaluator(_as_items(val_dataset), _class_names(model, val_dataset),
+                                    progress=progress)
+        self.evaluation = (Evaluation(evaluate, eval_every, best_metric, patience)
+                           if evaluate is not None else None)
+        self.logger = MetricsLogger(log_every, progress)
+        self.hooks: list[HookBase] = [self.logger, *([self.evaluation] if self.evaluation else []),
+                                      Checkpointer(checkpoint_every), *hooks]
 
     # ---- paths ---------------------------------------------------------------------------
     @property
@@ -139,48 +213,86 @@ class Trainer:
     def metrics_path(self) -> Path:
         return self.out_dir / "metrics.jsonl"
 
+    # ---- the run's length and end ----------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        """The step the run ends at (the learning-rate schedule's length)."""
+        return self.lr_factor.total_steps
+
+    def set_total_steps(self, total: int) -> None:
+        """End the run (and a cosine schedule) at step ``total``."""
+        self.lr_factor.set_total_steps(total)
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after the current step (hooks: time budget, early stop)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            if self.info.is_main:
+                log.info("stopping at step %d: %s", self.step, reason)
+
+    def is_last_step(self) -> bool:
+        """True when the step just done is the run's last."""
+        return self.stop_reason is not None or self.step >= min(self.max_steps, self.total_steps)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
     # ---- data ----------------------------------------------------------------------------
     def batches(self, start_step: int):
         """Endless (images, targets) batches from optimizer step ``start_step`` on, the same
-        batches an uninterrupted run would see at those steps."""
+        batches (and augmentations) an uninterrupted run would see at those steps."""
         per_epoch = len(self.dataset) // (self.batch_size * self.info.world_size)
         epoch, offset = divmod(start_step, per_epoch)
         while True:
             chosen = epoch_batches(len(self.dataset), self.batch_size, self.seed, epoch,
-                                   self.info.rank, self.info.world_size)[offset:]
+                                   self.info.rank, self.info.world_size)
+            keyed = [[(b * self.batch_size + j, index) for j, index in enumerate(batch)]
+                     for b, batch in enumerate(chosen)][offset:]
             # An own generator: DataLoader otherwise draws its base seed from the global RNG,
             # and a resumed run would then see a different torch random stream.
-            loader = DataLoader(self.dataset, batch_sampler=chosen, collate_fn=collate,
-                                num_workers=self.num_workers,
+            loader = DataLoader(SeededItems(self.dataset, self.seed, epoch), batch_sampler=keyed,
+                                collate_fn=collate, num_workers=self.num_workers,
                                 generator=torch.Generator().manual_seed(self.seed + epoch))
             yield from loader
             epoch, offset = epoch + 1, 0
 
     # ---- state ---------------------------------------------------------------------------
     def save(self) -> Path | None:
-        """Checkpoint the current step (rank 0 only)."""
+        """Checkpoint the current step (rank 0 only), with the hooks' states."""
         if not self.info.is_main:
             return None
-        extra = {"scaler": self.scaler.state_dict(), "layers": self.layers}
+        extra = {"scaler": self.scaler.state_dict(), "layers": self.layers,
+                 "hooks": {type(h).__name__: h.state_dict() for h in self.hooks}}
         if hasattr(self.config, "to_dict"):
             extra["config"] = self.config.to_dict()
         return ckpt.save_checkpoint(self.checkpoint_dir, self.step, unwrap(self.wrapped),
                                     self.optimizer, self.scheduler, extra, self.keep)
 
     def resume(self) -> bool:
-        """Restore the newest readable checkpoint of ``out_dir``; False when there is none."""
+        """Restore the newest readable checkpoint of ``out_dir``; False (and one log line) when
+        there is none: the run starts from step 0 and the records of the one before are dropped."""
         if self.info.is_main:
             ckpt.remove_stale_temporaries(self.checkpoint_dir)
+            ckpt.recover_model_folder(self.out_dir / "model_best")
         barrier()
         found = ckpt.latest_checkpoint(self.checkpoint_dir)
         if found is None:
+            if self.info.is_main:
+                log.info("resume: no checkpoint in %s: training from step 0", self.checkpoint_dir)
+                self._truncate_metrics(0)
+            self.start_step = 0
             return False
         path, state = found
         self.step = ckpt.restore(state, unwrap(self.wrapped), self.optimizer, self.scheduler)
-        if state["extra"].get("scaler"):
-            self.scaler.load_state_dict(state["extra"]["scaler"])
+        extra = state["extra"]
+        if extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
+        for hook in self.hooks:
+            hook.load_state_dict(extra.get("hooks", {}).get(type(hook).__name__, {}))
         if self.info.world_size > 1:  # each rank continues its own stream, not rank 0's copy
             torch.manual_seed(self.seed * 1000 + self.info.rank + self.step)
+        self.start_step = self.step
         if self.info.is_main:
             self._truncate_metrics(self.step)
             log.info("resumed from %s (step %d)", path, self.step)
@@ -200,7 +312,9 @@ class Trainer:
         atomic_write_bytes(self.metrics_path, "".join(kept).encode())
 
     # ---- logging -------------------------------------------------------------------------
-    def _log(self, record: dict) -> None:
+    def log(self, record: dict) -> None:
+        """Append ``record`` ({"step": int, name: number...}) to metrics.jsonl and TensorBoard
+        (rank 0).  TensorBoard drops what a killed run logged after the step resumed from."""
         if not self.info.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,27 +322,14 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=record["step"])
+            self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.start_step + 1)
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
                 self._writer.add_scalar(k, v, record["step"])
         self._writer.flush()
 
-    def _validate(self) -> dict:
-        metrics = {}
-        if self.evaluate is not None and self.info.is_main:
-            model = unwrap(self.wrapped)
-            model.eval()
-            with torch.no_grad():
-                metrics = {f"val/{k}": None if v is None else float(v)
-                           for k, v in self.evaluate(model).items()}
-            model.train()
-            self._log({"step": self.step, **metrics})
-        barrier()
-        return metrics
-
     # ---- the loop ------------------------------------------------------------------------
-    def train_step(self, images: list, targets: list) -> dict[str, float]:
+    def run_step(self, images: list, targets: list) -> dict[str, float]:
         """One optimizer step on one batch; returns the float losses and their sum "loss"."""
         device = self.info.device
         images = [im.to(device, non_blocking=True) for im in images]
@@ -258,69 +359,59 @@ class Trainer:
     def fit(self, steps: int, resume: bool = False, max_seconds: float | None = None) -> dict:
         """Train until optimizer step ``steps`` (counting steps done before a resume).
 
-        max_seconds: stop earlier when the time is up; after 10 steps (and every
-        ``RATE_CHECK_EVERY``) the schedule's length is set to the number of steps that fit, so a
-        cosine rate still decays to about 0 by the end.
-        Returns dict(step, seconds, it_per_s, losses of the last logged window, val metrics).
+        max_seconds: stop earlier when the time is up (see :class:`~maskrcnn.engine.hooks.TimeBudget`).
+        Returns dict(step, seconds, it_per_s, losses of the last logged window, val metrics,
+        best_step / best_value when validating, stop_reason).
         """
+        if steps < 0:
+            raise MaskRCNNError(f"steps={steps}: must be 0 or more")
         if resume:
             self.resume()
-        self.lr_factor.total_steps = steps  # after resume: a resumed run may be asked to go further
-        start_step, started = self.step, time.perf_counter()
+        self.max_steps, self.stop_reason = steps, None
+        self.set_total_steps(steps)  # after resume: a resumed run may be asked to go further
+        hooks = ([TimeBudget(max_seconds)] if max_seconds is not None else []) + self.hooks
+        for hook in hooks:
+            hook.trainer = self
+        self.started = time.perf_counter()
+        start_step = self.step
         if self.info.is_main:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.wrapped.train()
-        bar = None
-        if self.progress and self.info.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=steps, initial=self.step, desc="train", dynamic_ncols=True, smoothing=0.1)
-        window, window_start, last, val = [], time.perf_counter(), {}, {}
-        checked = (0, 0.0)  # (steps, seconds) at the last rate check
+        for hook in hooks:
+            hook.before_train()
         batches = self.batches(self.step)
-        while self.step < min(steps, self.lr_factor.total_steps):
-            values = self.train_step(*next(batches))
-            window.append(values)
-            elapsed = time.perf_counter() - started
-            done = self.step - start_step
-            if max_seconds is not None and (done == 10 or done % RATE_CHECK_EVERY == 0):
-                # the first steps are slow and a shared machine's speed drifts: re-estimate from
-                # the rate since the previous check
-                rate = (done - checked[0]) / max(elapsed - checked[1], 1e-9)
-                fit_steps = int(rate * max(max_seconds - elapsed, 0.0))
-                self.lr_factor.total_steps = max(self.step + 1, min(steps, self.step + fit_steps))
-                checked = (done, elapsed)
-                if bar is not None:
-                    bar.total = self.lr_factor.total_steps
-            last_step = (self.step >= min(steps, self.lr_factor.total_steps)
-                         or (max_seconds is not None and elapsed >= max_seconds))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k == "loss" or k.endswith("loss")}
-                                | {"lr": f"{self.optimizer.param_groups[0]['lr']:.2g}"}, refresh=False)
-            if self.step % self.log_every == 0 or last_step:
-                now = time.perf_counter()
-                mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-                last = reduce_mean(mean, self.info.device)
-                self._log({"step": self.step, "lr": self.optimizer.param_groups[0]["lr"], **last,
-                           "it_per_s": len(window) / max(now - window_start, 1e-9),
-                           "seconds": now - started})
-                window, window_start = [], now
-            if self.checkpoint_every and self.step % self.checkpoint_every == 0 and not last_step:
-                self.save()
-            if self.eval_every and self.step % self.eval_every == 0 and not last_step:
-                val = self._validate()
-            if last_step:
-                break
-        if bar is not None:
-            bar.close()
-        self.save()
-        if self.evaluate is not None:
-            val = self._validate()
+        while self.step < min(self.max_steps, self.total_steps) and self.stop_reason is None:
+            self.values = self.run_step(*next(batches))
+            for hook in hooks:
+                hook.after_step()
+        for hook in hooks:
+            hook.after_train()
         barrier()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - self.started
         done = self.step - start_step
-        return {"step": self.step, "seconds": seconds,
-                "it_per_s": done / seconds if seconds > 0 else math.nan, "losses": last, **val}
+        result = {"step": self.step, "seconds": seconds,
+                  "it_per_s": done / seconds if seconds > 0 else math.nan,
+                  "losses": self.logger.last, "stop_reason": self.stop_reason}
+        if self.evaluation is not None:
+            result.update(self.evaluation.metrics, best_step=self.evaluation.best_step,
+                          best_value=self.evaluation.best_value)
+        return result
+
+
+def _as_items(dataset):
+    """Validation items ``(image, target)``: a prepared maskrcnn Dataset is wrapped."""
+    if hasattr(dataset, "image_info") and hasattr(dataset, "load_mask"):
+        from ..data.dataset import TorchDataset
+        return TorchDataset(dataset)
+    return dataset
+
+
+def _class_names(model, dataset) -> list[str]:
+    names = getattr(unwrap(model), "class_names", None) or getattr(dataset, "class_names", None)
+    if names:
+        return list(names)
+    num_classes = unwrap(model).config.num_classes
+    return ["BG"] + [f"class {i}" for i in range(1, num_classes)]
