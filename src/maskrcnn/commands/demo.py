@@ -79,16 +79,16 @@ def run(args) -> int:
 
     from ..data.shapes import CLASS_NAMES, ShapesDataset
     from ..engine.distributed import init_distributed
-    from ..engine.trainer import Trainer
+    from ..engine.hooks import ap_evaluator
+    from ..engine.trainer import Trainer, seed_everything
     from ..model.maskrcnn import MaskRCNN
-    from .train import ap_evaluator
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = init_distributed(args.device)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     config = config_from_args(args, default=demo_config(len(CLASS_NAMES)))
     model = MaskRCNN(config, list(CLASS_NAMES))
     train = ShapesDataset(TRAIN_IMAGES, seed=args.seed)

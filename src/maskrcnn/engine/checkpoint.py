@@ -199,6 +199,92 @@ def recover_model_folder(folder) -> None:
 
 
 # ---- fine-tuning -----------------------------------------------------------------------------
+#: ``--weights`` names for torchvision's published weights (fetched through torch's hub cache).
+PRETRAINED_NAMES = ("coco", "imagenet")
+#: torchvision's ImageNet weights per backbone (``torchvision.models`` enum, member).
+IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
+                    "resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}
+#: torchvision's init of the FPN (``kaiming_uniform_(a=1)``) and RPN (normal, this std).
+RPN_INIT_STD = 0.01
+
+
+def hub_state_dict(weights) -> dict:
+    """The state dict of a torchvision weights enum member (``weights.url``), from torch's hub
+    cache (``torch.hub.get_dir()/checkpoints``) or downloaded into it.  Offline and not cached:
+    WeightsError naming the file to place in the cache."""
+    from urllib.parse import urlparse
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    if not cached.exists():
+        try:
+            return torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True,
+                                                      map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash a RuntimeError
+            reason = getattr(e, "reason", None) or e
+            raise WeightsError(f"{weights.url} could not be downloaded ({reason}); offline, place "
+                               f"that file at {cached}") from None
+    try:
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{cached}: not a readable weights file ({str(e).splitlines()[0]}); "
+                           "delete it and download it again") from None
+
+
+def is_resnet_classifier(state: dict) -> bool:
+    """True for a torchvision ResNet classification state dict (``conv1.weight``, ``layer1.0...``)."""
+    return "conv1.weight" in state and any(k.startswith("layer1.") for k in state)
+
+
+def resnet_classifier_to_ours(state: dict) -> dict:
+    """Our backbone's names for a torchvision ResNet classification state dict: the same names
+    under ``backbone.`` (our ResNet keeps torchvision's), the classifier ``fc.*`` dropped."""
+    return {f"backbone.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def init_like_torchvision(model: torch.nn.Module) -> None:
+    """Initialise the FPN, RPN and mask head as torchvision's Mask R-CNN does (its box head uses
+    PyTorch's default Linear init, as ours): FPN convs ``kaiming_uniform_(a=1)``, RPN convs
+    normal(std=RPN_INIT_STD), mask-head convs ``kaiming_normal_(fan_out, relu)``; biases 0."""
+    rules = (("fpn", lambda w: torch.nn.init.kaiming_uniform_(w, a=1)),
+             ("rpn", lambda w: torch.nn.init.normal_(w, std=RPN_INIT_STD)),
+             ("mask_head", lambda w: torch.nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")))
+    with torch.no_grad():
+        for name, init in rules:
+            for module in getattr(model, name).modules() if hasattr(model, name) else ():
+                if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                    init(module.weight)
+                    if module.bias is not None:
+                        module.bias.zero_()
+
+
+def _pretrained_state(model: torch.nn.Module, source) -> tuple[dict, bool]:
+    """(state dict in our names, whether it holds the backbone only) for ``source``."""
+    config = getattr(model, "config", None)
+    if source == "coco":
+        from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+        if config is not None and (config.backbone, config.backbone_style) != ("resnet50", "pytorch"):
+            raise WeightsError("--weights coco is torchvision's ResNet-50 Mask R-CNN: it needs "
+                               "backbone: resnet50 and backbone_style: pytorch (Config.preset('torchvision'))")
+        from ..weights.torchvision import convert_state_dict
+        return convert_state_dict(hub_state_dict(MaskRCNN_ResNet50_FPN_Weights.COCO_V1)), False
+    if source == "imagenet":
+        import torchvision.models as tvm
+
+        if config is None or config.backbone_style != "pytorch" or config.backbone not in IMAGENET_WEIGHTS:
+            raise WeightsError("--weights imagenet is torchvision's ImageNet ResNet: it needs "
+                               f"backbone_style: pytorch and a backbone of {', '.join(IMAGENET_WEIGHTS)}")
+        weights = getattr(tvm, IMAGENET_WEIGHTS[config.backbone]).IMAGENET1K_V1
+        return resnet_classifier_to_ours(hub_state_dict(weights)), True
+    state = _read_state_dict(source)
+    if is_resnet_classifier(state):
+        return resnet_classifier_to_ours(state), True
+    if any(k.startswith("backbone.body.") for k in state):
+        from ..weights.torchvision import convert_state_dict
+        return convert_state_dict(state), False
+    return state, False
+
+
 def _read_state_dict(source) -> dict:
     """A state dict from a dict, a training checkpoint, a .safetensors/.pt file or a saved model
     folder (``MaskRCNN.save``)."""
@@ -212,13 +298,21 @@ def _read_state_dict(source) -> dict:
 def load_pretrained(model: torch.nn.Module, source) -> dict:
     """Copy the tensors of ``source`` whose names and shapes match into ``model``.
 
-    source: a state dict, a checkpoint, a weights file or a saved model folder.
+    source: a state dict, a checkpoint, a weights file or a saved model folder; a torchvision
+    Mask R-CNN state dict (converted); a torchvision ResNet classification state dict
+    (``conv1.weight``, ``layer1.0...``: the backbone, ``fc.*`` dropped); or "coco" / "imagenet":
+    torchvision's COCO Mask R-CNN / ImageNet ResNet through torch's hub cache (see
+    :func:`hub_state_dict`).  A backbone-only source leaves the rest initialised as torchvision
+    does (:func:`init_like_torchvision`).
     Tensors whose shape differs (the class-specific layers when the class count changes, as
     Matterport's ``exclude=`` did by name) keep the model's fresh initialisation; one log line
-    names them.  Returns dict(loaded=[...], reinitialised=[...], missing=[...], unexpected=[...]).
-    Raises WeightsError when nothing matches (the wrong file).
+    names them.  Returns dict(loaded=[...], reinitialised=[...], missing=[...], unexpected=[...],
+    backbone_only=bool).  Raises WeightsError when nothing matches (the wrong file).
     """
-    m = load_state_partial(model, _read_state_dict(source))
+    state, backbone_only = _pretrained_state(model, source)
+    if backbone_only:
+        init_like_torchvision(model)
+    m = load_state_partial(model, state)
     loaded, missing, unexpected = list(m.matched), m.missing, m.unexpected
     reinit = [f"{name} {list(theirs)}->{list(ours)}" for name, theirs, ours in m.reshaped]
     if reinit:
@@ -226,4 +320,5 @@ def load_pretrained(model: torch.nn.Module, source) -> dict:
                     "pretrained weights (class-specific layers): %s", len(reinit), ", ".join(reinit))
     log.info("load_pretrained: loaded %d tensors, %d missing, %d unexpected",
              len(loaded), len(missing), len(unexpected))
-    return {"loaded": loaded, "reinitialised": reinit, "missing": missing, "unexpected": unexpected}
+    return {"loaded": loaded, "reinitialised": reinit, "missing": missing, "unexpected": unexpected,
+            "backbone_only": backbone_only}
