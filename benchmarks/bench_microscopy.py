@@ -44,8 +44,8 @@ RPN_POST_NMS_TEST = 300       # rpn_post_nms_top_n_test
 ROIS_PER_IMAGE = 128          # box_batch_size_per_image
 DETECTIONS_PER_IMAGE = 100    # box_detections_per_img
 MIN_SCORE = 0.05              # box_score_thresh
-LEARNING_RATE = 0.01
-WARMUP_STEPS = 50
+LEARNING_RATE = 0.02
+WARMUP_STEPS = 20
 BATCH = 2
 
 
@@ -77,8 +77,10 @@ def make_tiles(image_path: Path, mask_path: Path, root: Path) -> tuple[int, int]
     return counts["train"], counts["val"]
 
 
-def our_settings(backbone: str, side: int) -> dict:
-    return {
+def our_settings(backbone: str, side: int, width: int | None) -> dict:
+    narrow = {} if width is None else {"top_down_pyramid_size": width, "rpn_conv_channels": width,
+                                       "fpn_classif_fc_layers_size": 4 * width, "mask_head_channels": width}
+    return {**narrow,
         "backbone": backbone, "backbone_style": "pytorch", "train_bn": True,
         "image_resize_mode": "square", "image_min_dim": side, "image_max_dim": side,
         "rpn_anchor_scales": list(ANCHOR_SCALES), "pre_nms_limit": RPN_PRE_NMS,
@@ -89,13 +91,14 @@ def our_settings(backbone: str, side: int) -> dict:
         "lr_schedule": "cosine", "gradient_clip_norm": 5.0}
 
 
-def train_ours(data: Path, out: Path, steps: int, eval_every: int, backbone: str, side: int) -> tuple[list, float]:
+def train_ours(data: Path, out: Path, steps: int, eval_every: int, backbone: str, side: int,
+               width: int | None) -> tuple[list, float]:
     """``maskrcnn train --images --labels --val-images --val-labels``; (curve, seconds).  Where
     the command has no --val-labels yet, the same through the Python Trainer's val_dataset."""
     run = out / "ours"
     shutil.rmtree(run, ignore_errors=True)
     maskrcnn = str(Path(sys.executable).with_name("maskrcnn"))
-    settings = our_settings(backbone, side)
+    settings = our_settings(backbone, side, width)
     started = time.perf_counter()
     if "--val-labels" in subprocess.run([maskrcnn, "train", "--help"], capture_output=True, text=True).stdout:
         cmd = [maskrcnn, "train", "--images", str(data / "train" / "images"), "--labels", str(data / "train" / "labels"),
@@ -132,29 +135,44 @@ def train_ours(data: Path, out: Path, steps: int, eval_every: int, backbone: str
     return curve, seconds
 
 
-def torchvision_model(backbone: str, side: int):
+def torchvision_model(backbone: str, side: int, width: int | None):
     """torchvision's Mask R-CNN without pretrained weights (so with trainable BatchNorm and
-    every layer trainable, as torchvision builds it then), ``maskrcnn_resnet50_fpn`` itself for
-    ResNet-50."""
+    every layer trainable, as torchvision builds it then): ``maskrcnn_resnet50_fpn`` itself for
+    ResNet-50 at full width; with ``width``, torchvision's own FPN, RPN head, box head and mask
+    head built ``width`` channels wide (box head 4 x width), as ours then is."""
     from torch import nn
+    from torchvision.models import resnet
     from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
     from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.models.detection.rpn import RPNHead
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
     anchors = AnchorGenerator(tuple((s,) for s in ANCHOR_SCALES), ((0.5, 1.0, 2.0),) * len(ANCHOR_SCALES))
     options = dict(
-        num_classes=2, min_size=side, max_size=side,
+        min_size=side, max_size=side,
         rpn_anchor_generator=anchors, rpn_pre_nms_top_n_train=RPN_PRE_NMS, rpn_pre_nms_top_n_test=RPN_PRE_NMS,
         rpn_post_nms_top_n_train=RPN_POST_NMS_TRAIN, rpn_post_nms_top_n_test=RPN_POST_NMS_TEST,
         box_batch_size_per_image=ROIS_PER_IMAGE, box_detections_per_img=DETECTIONS_PER_IMAGE,
         box_score_thresh=MIN_SCORE)
-    if backbone == "resnet50":
-        return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **options)
-    return MaskRCNN(resnet_fpn_backbone(backbone_name=backbone, weights=None, trainable_layers=5,
-                                        norm_layer=nn.BatchNorm2d), **options)
+    if backbone == "resnet50" and width is None:
+        return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, **options)
+    body = getattr(resnet, backbone)(weights=None, norm_layer=nn.BatchNorm2d)
+    stages = [body.inplanes // 8, body.inplanes // 4, body.inplanes // 2, body.inplanes]
+    fpn = 256 if width is None else width
+    fc, mask = (1024, 256) if width is None else (4 * width, width)
+    features = BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in range(1, 5)}, stages, fpn,
+                               extra_blocks=LastLevelMaxPool())
+    return MaskRCNN(features, num_classes=None, rpn_head=RPNHead(fpn, 3),
+                    box_head=TwoMLPHead(fpn * 7 * 7, fc), box_predictor=FastRCNNPredictor(fc, 2),
+                    mask_head=MaskRCNNHeads(fpn, [mask] * 4, 1), mask_predictor=MaskRCNNPredictor(mask, mask, 2),
+                    **options)
 
 
-def train_torchvision(data: Path, steps: int, eval_every: int, backbone: str, side: int) -> tuple[list, float]:
+def train_torchvision(data: Path, steps: int, eval_every: int, backbone: str, side: int,
+                      width: int | None) -> tuple[list, float]:
     """torchvision's Mask R-CNN on the same tiles, read by the same reader, same schedule."""
     from maskrcnn.data import TorchDataset, build_transforms, open_dataset
     from maskrcnn.evaluation.coco_eval import evaluate_detections
@@ -165,7 +183,7 @@ def train_torchvision(data: Path, steps: int, eval_every: int, backbone: str, si
                                           class_name="nucleus"), build_transforms(train=True))
     val_set = TorchDataset(open_dataset(images=data / "val" / "images", labels=data / "val" / "labels",
                                         class_name="nucleus"))
-    model = torchvision_model(backbone, side)
+    model = torchvision_model(backbone, side, width)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
@@ -228,14 +246,17 @@ def main() -> int:
     parser.add_argument("--backbone", default="resnet50", choices=("resnet18", "resnet34", "resnet50"),
                         help="both models' backbone (default resnet50: torchvision's maskrcnn_resnet50_fpn)")
     parser.add_argument("--side", type=int, default=256, help="image side the models see (tiles are 128)")
+    parser.add_argument("--width", type=int, help="FPN, RPN and mask head channels of both models (box head 4x); "
+                        "default the libraries' own (256, box head 1024)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     image_path, mask_path = find_data(args.stardist)
     data = args.out / "data"
     n_train, n_val = make_tiles(image_path, mask_path, data)
     print(f"{image_path}: 12 training tiles ({n_train} nuclei), 4 validation tiles ({n_val} nuclei)", flush=True)
-    ours, ours_s = train_ours(data, args.out, args.steps, args.eval_every, args.backbone, args.side)
-    theirs, theirs_s = train_torchvision(data, args.steps, args.eval_every, args.backbone, args.side)
+    shape = (args.backbone, args.side, args.width)
+    ours, ours_s = train_ours(data, args.out, args.steps, args.eval_every, *shape)
+    theirs, theirs_s = train_torchvision(data, args.steps, args.eval_every, *shape)
     rows = dict(ours)
     lines = ["| step | ours: val mask AP@0.5 | torchvision: val mask AP@0.5 |", "|---:|---:|---:|"]
     for step, value in theirs:
@@ -248,7 +269,7 @@ def main() -> int:
     print("\n".join(lines))
     (args.out / "results.json").write_text(json.dumps(
         {"train_nuclei": n_train, "val_nuclei": n_val, "steps": args.steps, "backbone": args.backbone,
-         "side": args.side, "ours": ours, "torchvision": theirs,
+         "side": args.side, "width": args.width, "ours": ours, "torchvision": theirs,
          "ours_seconds": ours_s, "torchvision_seconds": theirs_s}, indent=1))
     return 0
 
