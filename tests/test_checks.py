@@ -1,4 +1,6 @@
 """check_dataset finds every planted problem and names its file and annotation."""
+import json
+
 import numpy as np
 import pytest
 from data_samples import (box_mask, coco_sample, labelme_file, labelme_sample, labelme_shape,
@@ -205,3 +207,20 @@ def test_labelme_coco_export_passes_and_every_instance_trains(tmp_path, capsys):
     assert main(["check-data", "--coco", str(ann), "--images", str(images), "--strict"]) == 1
     out = capsys.readouterr().out
     assert "1 warning:" in out and "training uses 3 annotations (1 clipped to the image)" in out
+
+
+def test_training_keeps_clipped_annotations_and_says_what_it_left_out(tmp_path, caplog):
+    from maskrcnn.cli import main
+    from test_mask_datasets import SMALL
+
+    ann, images = labelme_coco_export(tmp_path / "data")
+    data = json.loads(ann.read_text())
+    data["annotations"].append({"id": 3, "image_id": 1, "category_id": 2, "iscrowd": 0,
+                                "segmentation": [[1.0, 1.0, 4.0, 4.0]]})   # 2 points: left out
+    write_json(ann, data)
+    with caplog.at_level("INFO", logger="maskrcnn"):
+        assert main(["train", "--coco", str(ann), "--images", str(images), "--out", str(tmp_path / "run"),
+                     "--workers", "0", "--device", "cpu", "--steps", "1",
+                     *[a for kv in SMALL for a in ("--set", kv)]]) == 0
+    assert ("training uses 3 annotations (1 clipped to the image) and leaves out 1 (1 unusable segmentation)"
+            in caplog.text)
