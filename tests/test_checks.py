@@ -49,7 +49,7 @@ def test_every_planted_coco_problem_reported(tmp_path):
     assert report.bad_image_ids == [1, 2, 3]  # missing.png, corrupt.png, wrong_size.png
     text = report.format()
     assert f"{len(expected) - 2} errors:" in text and "2 warnings:" in text and "annotation 203" in text
-    assert text.endswith("training uses 3 annotations (1 clipped to the image) and leaves out 8 (3 unusable "
+    assert text.endswith("3 annotations used (1 clipped to the image), 8 left out (3 unusable "
                          "segmentation, 2 no pixel inside the image, 1 image unreadable, 1 rejected while reading, "
                          "1 unknown category)")
 
@@ -206,7 +206,7 @@ def test_labelme_coco_export_passes_and_every_instance_trains(tmp_path, capsys):
     assert main(["check-data", "--coco", str(ann), "--images", str(images)]) == 0
     assert main(["check-data", "--coco", str(ann), "--images", str(images), "--strict"]) == 1
     out = capsys.readouterr().out
-    assert "1 warning:" in out and "training uses 3 annotations (1 clipped to the image)" in out
+    assert "1 warning:" in out and "3 annotations used (1 clipped to the image)" in out
 
 
 def test_training_keeps_clipped_annotations_and_says_what_it_left_out(tmp_path, caplog):
@@ -222,5 +222,5 @@ def test_training_keeps_clipped_annotations_and_says_what_it_left_out(tmp_path, 
         assert main(["train", "--coco", str(ann), "--images", str(images), "--out", str(tmp_path / "run"),
                      "--workers", "0", "--device", "cpu", "--steps", "1",
                      *[a for kv in SMALL for a in ("--set", kv)]]) == 0
-    assert ("training uses 3 annotations (1 clipped to the image) and leaves out 1 (1 unusable segmentation)"
+    assert ("3 annotations used (1 clipped to the image), 1 left out (1 unusable segmentation)"
             in caplog.text)

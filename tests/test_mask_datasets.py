@@ -163,7 +163,7 @@ def test_cli_check_train_evaluate_on_label_images(tmp_path, capsys):
     images, labels = nuclei(tmp_path / "data")
     assert main(["check-data", "--images", str(images), "--labels", str(labels), "--class-name", "nucleus"]) == 0
     out = capsys.readouterr().out
-    assert "nucleus  6" in out and "training uses 6 annotations" in out
+    assert "nucleus  6" in out and "6 annotations used" in out
     run = tmp_path / "run"
     assert main(["train", "--images", str(images), "--labels", str(labels), "--out", str(run), "--workers", "0",
                  "--device", "cpu", "--steps", "1", *[a for kv in SMALL for a in ("--set", kv)]]) == 0

@@ -96,10 +96,10 @@ class DataReport:
 
     def training_summary(self) -> str:
         """One line: what training does with the annotations (used, clipped, left out and why)."""
-        text = f"training uses {self.used} annotations ({self.clipped} clipped to the image)"
+        text = f"{self.used} annotations used ({self.clipped} clipped to the image)"
         if self.skipped:
             reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items(), key=lambda item: (-item[1], item[0])))
-            text += f" and leaves out {sum(self.skipped.values())} ({reasons})"
+            text += f", {sum(self.skipped.values())} left out ({reasons})"
         return text
 
 
