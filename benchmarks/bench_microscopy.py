@@ -236,6 +236,19 @@ def train_torchvision(data: Path, steps: int, eval_every: int, backbone: str, si
     return curve, time.perf_counter() - started
 
 
+def table(results: dict) -> str:
+    """Validation mask AP@0.5 over the steps, both models, as a Markdown table."""
+    curves = [dict(results["ours"]), dict(results["torchvision"])]
+    lines = ["| step | ours: val mask AP@0.5 | torchvision: val mask AP@0.5 |", "|---:|---:|---:|"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    for step in sorted(set(curves[0]) | set(curves[1])):
+        lines.append(f"| {step} | {fmt(curves[0].get(step))} | {fmt(curves[1].get(step))} |")
+    best = [max((v for v in c.values() if v is not None), default=None) for c in curves]
+    lines.append(f"| best | {fmt(best[0])} | {fmt(best[1])} |")
+    lines.append(f"| minutes | {results['ours_seconds'] / 60:.1f} | {results['torchvision_seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stardist", type=Path, required=True, help="folder stardist was installed into (--target)")
@@ -246,6 +259,8 @@ def main() -> int:
     parser.add_argument("--backbone", default="resnet50", choices=("resnet18", "resnet34", "resnet50"),
                         help="both models' backbone (default resnet50: torchvision's maskrcnn_resnet50_fpn)")
     parser.add_argument("--side", type=int, default=256, help="image side the models see (tiles are 128)")
+    parser.add_argument("--only", choices=("ours", "torchvision"),
+                        help="train one of the two (run two processes side by side; results_<which>.json)")
     parser.add_argument("--width", type=int, help="FPN, RPN and mask head channels of both models (box head 4x); "
                         "default the libraries' own (256, box head 1024)")
     args = parser.parse_args()
@@ -255,22 +270,14 @@ def main() -> int:
     n_train, n_val = make_tiles(image_path, mask_path, data)
     print(f"{image_path}: 12 training tiles ({n_train} nuclei), 4 validation tiles ({n_val} nuclei)", flush=True)
     shape = (args.backbone, args.side, args.width)
-    ours, ours_s = train_ours(data, args.out, args.steps, args.eval_every, *shape)
-    theirs, theirs_s = train_torchvision(data, args.steps, args.eval_every, *shape)
-    rows = dict(ours)
-    lines = ["| step | ours: val mask AP@0.5 | torchvision: val mask AP@0.5 |", "|---:|---:|---:|"]
-    for step, value in theirs:
-        mine = rows.get(step)
-        lines.append(f"| {step} | {'-' if mine is None else f'{mine:.3f}'} | {value:.3f} |")
-    best_ours = max((v for _, v in ours if v is not None), default=None)
-    best_theirs = max(v for _, v in theirs)
-    lines.append(f"| best | {best_ours:.3f} | {best_theirs:.3f} |")
-    lines.append(f"| minutes | {ours_s / 60:.1f} | {theirs_s / 60:.1f} |")
-    print("\n".join(lines))
-    (args.out / "results.json").write_text(json.dumps(
-        {"train_nuclei": n_train, "val_nuclei": n_val, "steps": args.steps, "backbone": args.backbone,
-         "side": args.side, "width": args.width, "ours": ours, "torchvision": theirs,
-         "ours_seconds": ours_s, "torchvision_seconds": theirs_s}, indent=1))
+    ours, ours_s = train_ours(data, args.out, args.steps, args.eval_every, *shape) if args.only != "torchvision" else ([], 0.0)
+    theirs, theirs_s = (train_torchvision(data, args.steps, args.eval_every, *shape) if args.only != "ours"
+                        else ([], 0.0))
+    results = {"train_nuclei": n_train, "val_nuclei": n_val, "steps": args.steps, "backbone": args.backbone,
+               "side": args.side, "width": args.width, "ours": ours, "torchvision": theirs,
+               "ours_seconds": ours_s, "torchvision_seconds": theirs_s}
+    (args.out / f"results{'_' + args.only if args.only else ''}.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
     return 0
 
 
