@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from maskrcnn.cli import main
 
@@ -78,3 +79,106 @@ def test_demo_writes_its_outputs(tmp_path):
     assert {"mask_AP50", "mask_AP", "box_AP"} <= set(metrics)
     assert (tmp_path / "detections.png").stat().st_size > 0
     assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def _train_coco(data, out, *extra):
+    ann, images = data
+    return main(["train", "--coco", str(ann), "--images", str(images), "--out", str(out), "--device", "cpu",
+                 "--log-every", "1", "--checkpoint-every", "2", *extra, *[a for s in SMALL for a in ("--set", s)]])
+
+
+def _losses(out):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+@pytest.mark.slow
+def test_seeded_runs_repeat_and_resumes_repeat_the_uninterrupted_curve(tmp_path, capsys):
+    """COCO data with augmentation, 2 data workers.  The same --seed gives the same initial
+    weights and losses; a run stopped at step 2 and resumed (twice from the same checkpoint)
+    logs exactly the uninterrupted run's losses."""
+    from safetensors.torch import load_file
+
+    from data_samples import coco_sample
+
+    data = coco_sample(tmp_path / "data")
+    for name in ("a", "b"):
+        assert _train_coco(data, tmp_path / name, "--steps", "0", "--seed", "3") == 0
+    first = [load_file(tmp_path / name / "model" / "model.safetensors") for name in ("a", "b")]
+    assert all(torch.equal(first[0][k], first[1][k]) for k in first[0])
+    assert _train_coco(data, tmp_path / "c", "--steps", "0", "--seed", "4") == 0
+    other = load_file(tmp_path / "c" / "model" / "model.safetensors")
+    assert not torch.equal(first[0]["fpn.lateral.0.weight"], other["fpn.lateral.0.weight"])
+
+    assert _train_coco(data, tmp_path / "full", "--steps", "5", "--seed", "3") == 0
+    assert _train_coco(data, tmp_path / "part", "--steps", "2", "--seed", "3") == 0
+    for copy in ("r1", "r2"):
+        shutil.copytree(tmp_path / "part", tmp_path / copy)
+        assert _train_coco(data, tmp_path / copy, "--steps", "5", "--seed", "3", "--resume") == 0
+        assert _losses(tmp_path / copy) == _losses(tmp_path / "full")
+    assert [s for s, _ in _losses(tmp_path / "full")] == [1, 2, 3, 4, 5]
+
+
+def test_validation_set_keeps_the_best_model(tmp_path, capsys):
+    from data_samples import coco_sample
+
+    ann, images = data = coco_sample(tmp_path / "data")
+    assert _train_coco(data, tmp_path / "run", "--steps", "2", "--workers", "0", "--val-coco", str(ann),
+                       "--val-images", str(images), "--eval-every", "1") == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val/mask_AP" in r] == [1, 2]
+    best = json.loads((tmp_path / "run" / "model_best" / "best.json").read_text())
+    assert best["step"] in (1, 2) and best["metric"] == "val/mask_AP" and "val/box_AP" not in best["metrics"]
+    assert (tmp_path / "run" / "model_best" / "model.safetensors").exists()
+    assert "best: val/mask_AP" in capsys.readouterr().out
+
+
+def test_a_run_folder_is_never_reused_silently(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: old\n")
+    (run / "notes.txt").write_text("mine")
+    assert _train(run, "--steps", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {run} holds a run: use --resume to continue it or --overwrite to replace it"]
+    assert (run / "config.yaml").read_text() == "name: old\n"
+    assert _train(run, "--steps", "1", "--resume", "--overwrite") == 2
+    assert _train(run, "--steps", "0", "--overwrite") == 0
+    assert (run / "notes.txt").read_text() == "mine" and (run / "model" / "model.safetensors").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _train(empty, "--steps", "0") == 0
+
+
+def test_from_scratch_batchnorm_trains_or_a_line_says_why_not(tmp_path, caplog):
+    from maskrcnn.cli import build_parser
+    from maskrcnn.commands.train import build_config
+
+    def config(*extra):
+        args = build_parser().parse_args(["train", "--shapes", "8", "--out", str(tmp_path / "x"), *extra])
+        return build_config(args, 4)
+
+    with caplog.at_level("INFO", logger="maskrcnn"):
+        assert config().train_bn is True
+        assert "training from random weights: BatchNorm trains" in caplog.text
+        caplog.clear()
+        assert config("--set", "train_bn=false").train_bn is False
+        assert "frozen BatchNorm because train_bn: false was set" in caplog.text
+    (tmp_path / "c.yaml").write_text("train_bn: false\n")
+    assert config("--config", str(tmp_path / "c.yaml")).train_bn is False
+    assert config("--weights", str(tmp_path)).train_bn is False  # pretrained: Matterport's frozen BN
+
+
+def test_a_full_disk_while_training_is_one_error_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import torch
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert _train(tmp_path, "--steps", "1") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("train:")]
+    assert len(err) == 1 and err[0].startswith("error: ") and "No space left on device" in err[0]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir()]

@@ -15,6 +15,7 @@ import torch
 from maskrcnn import Config
 from maskrcnn.data.shapes import ShapesDataset
 from maskrcnn.engine.trainer import Trainer, epoch_batches
+from maskrcnn.errors import MaskRCNNError
 from tiny_maskrcnn import TinyMaskRCNN
 
 TESTS = Path(__file__).parent
@@ -152,3 +153,105 @@ def test_cuda_autocast_training(tmp_path):
     losses = _losses(tmp_path)
     assert all(v == v for v in losses.values())
     assert sum(losses[s] for s in range(26, 31)) < sum(losses[s] for s in range(1, 6))
+
+
+# ---- hooks: validation, best model, patience, exact resume with augmentation -------------------
+def test_validation_keeps_the_best_model_and_patience_stops(tmp_path):
+    """Scripted validation APs by step: the best (0.3 at step 4) lands in model_best/ with its
+    step and value; two evaluations without a new best stop the run at step 8, and a run
+    resumed from step 6 keeps the best-so-far and the patience count."""
+    aps = {2: 0.1, 4: 0.3, 6: 0.2, 8: 0.25, 10: 0.9}
+    holder = {}
+
+    def evaluate(model):
+        return {"mask_AP": aps[holder["trainer"].step], "box_AP": 0.0}
+
+    def make(out):
+        holder["trainer"] = _trainer(out, evaluate=evaluate, eval_every=2, patience=2, checkpoint_every=2)
+        return holder["trainer"]
+
+    result = make(tmp_path / "a").fit(20)
+    assert result["step"] == 8 and result["best_step"] == 4 and result["best_value"] == 0.3
+    assert "no better val/mask_AP in 2 evaluations" in result["stop_reason"]
+    best = json.loads((tmp_path / "a" / "model_best" / "best.json").read_text())
+    assert best["step"] == 4 and best["value"] == 0.3 and best["metric"] == "val/mask_AP"
+    assert (tmp_path / "a" / "model_best" / "model.safetensors").exists()
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["val/mask_AP"]) for r in records if "val/mask_AP" in r] == [
+        (2, 0.1), (4, 0.3), (6, 0.2), (8, 0.25)]
+
+    make(tmp_path / "b").fit(6)  # ends at step 6 (one evaluation without a new best)
+    resumed = make(tmp_path / "b").fit(20, resume=True)
+    assert (resumed["step"], resumed["best_step"], resumed["best_value"]) == (8, 4, 0.3)
+    assert json.loads((tmp_path / "b" / "model_best" / "best.json").read_text())["step"] == 4
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Shapes with random flips, scale jitter and colour jitter (torch's global RNG)."""
+
+    def __init__(self):
+        from maskrcnn.data.transforms import build_transforms
+        self.items, self.transform = ShapesDataset(24, 64, 64, seed=1), build_transforms(train=True)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.transform(*self.items[index])
+
+
+def test_resume_is_exact_with_augmentation_and_workers(tmp_path):
+    """The drift seen after --resume: a DataLoader worker's RNG restarted at the resumed batch,
+    so the augmentations differed.  Now an item's augmentation is a function of (seed, epoch,
+    position): two resumes of the same mid-epoch checkpoint, with 2 workers, log exactly the
+    uninterrupted run's losses (3 epochs of 12 steps: resumes cross epoch boundaries)."""
+    def trainer(out, workers):
+        torch.manual_seed(0)
+        return Trainer(TinyMaskRCNN(), _Augmented(), out, Config(**CONFIG), progress=False, log_every=1,
+                       checkpoint_every=5, num_workers=workers)
+
+    trainer(tmp_path / "ref", 0).fit(16)
+    reference = _losses(tmp_path / "ref")
+    trainer(tmp_path / "run", 2).fit(5)
+    for copy in ("r1", "r2"):
+        import shutil
+        shutil.copytree(tmp_path / "run", tmp_path / copy)
+        trainer(tmp_path / copy, 2).fit(16, resume=True)
+        assert _losses(tmp_path / copy) == reference
+
+
+def test_resume_without_checkpoint_says_so_and_starts_over(tmp_path, caplog):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # killed before its first save
+    with caplog.at_level("INFO", logger="maskrcnn.engine.trainer"):
+        result = _trainer(tmp_path).fit(2, resume=True)
+    assert "resume: no checkpoint in" in caplog.text and "training from step 0" in caplog.text
+    assert result["step"] == 2 and sorted(_losses(tmp_path)) == [1, 2] and _losses(tmp_path)[1] != 9.0
+
+
+def test_schedule_length_is_set_through_the_trainer(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.set_total_steps(7)
+    assert trainer.total_steps == trainer.lr_factor.total_steps == 7
+    trainer.lr_factor.set_total_steps(0)
+    assert trainer.total_steps == 1
+    with pytest.raises(MaskRCNNError, match="steps=-5"):
+        trainer.fit(-5)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_error_and_keeps_the_earlier(tmp_path, monkeypatch):
+    import errno
+
+    trainer = _trainer(tmp_path, checkpoint_every=2)
+    trainer.fit(2)
+    good = (tmp_path / "checkpoints" / "ckpt-00000002.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # half a file is on disk when the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(MaskRCNNError, match=r"ckpt-00000004.pt: cannot write \(No space left on device\)"):
+        trainer.fit(4)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt-00000002.pt"]
+    assert (tmp_path / "checkpoints" / "ckpt-00000002.pt").read_bytes() == good

@@ -67,6 +67,8 @@ def add_parser(subparsers):
     p.add_argument("--patience", type=at_least(1), metavar="N",
                    help="stop after N validations in a row without a better mask AP (default: never)")
     p.add_argument("--checkpoint-every", type=at_least(1), default=500, metavar="N", help="default 500")
+    p.add_argument("--log-every", type=at_least(1), default=20, metavar="N",
+                   help="log the mean losses every N steps to metrics.jsonl and TensorBoard (default 20)")
     p.add_argument("--keep", type=at_least(1), default=3, metavar="K", help="checkpoints kept (default 3)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="mixed precision (default auto: bf16/fp16 autocast on CUDA, fp32 on CPU)")
@@ -277,7 +279,8 @@ def run(args) -> int:
             backbone_only = load_pretrained(model, args.weights)["backbone_only"]
         trainer = Trainer(model, train, out, config, layers=args.layers or default_layers(args.weights, backbone_only),
                           val_dataset=val, eval_every=args.eval_every, patience=args.patience,
-                          checkpoint_every=args.checkpoint_every, keep=args.keep, seed=args.seed,
+                          checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                          keep=args.keep, seed=args.seed,
                           num_workers=args.workers, info=info, amp=args.amp)
         result = trainer.fit(args.steps, resume=args.resume)
         if info.is_main:
