@@ -152,28 +152,23 @@ def training_losses(model, images, targets) -> dict[str, torch.Tensor]:
     gts = [mold_target(t, m, image_shape, device, cfg.max_gt_instances,
                        cfg.mini_mask_shape if cfg.use_mini_mask else None) for t, m in zip(targets, metas)]
 
-    features = model.features(batch)
-    rpn_logits, rpn_deltas = model.rpn(features)
-    anchors, level_sizes = model.anchors(image_shape, device)
-    anchors_px = to_pixels(model, anchors, image_shape)
+    stage = model.first_stage(batch, metas, cfg.post_nms_rois_training if cfg.use_rpn_rois else None)
+    features = stage.features
+    anchors_px = to_pixels(model, stage.anchors, image_shape)
 
     rpn_labels, rpn_targets = zip(*[
         build_rpn_targets(anchors_px, g["boxes"], g["crowd"], cfg.rpn_train_anchors_per_image,
                           cfg.rpn_positive_ratio, cfg.rpn_positive_iou, cfg.rpn_negative_iou,
                           box_ops.std_xy(cfg.rpn_bbox_std_dev)) for g in gts])
     rpn_labels, rpn_targets = torch.stack(rpn_labels), torch.stack(rpn_targets)
-    losses = {"rpn_class_loss": L.rpn_class_loss(rpn_logits, rpn_labels, model.rpn.kind),
-              "rpn_bbox_loss": L.rpn_bbox_loss(rpn_deltas, rpn_targets, rpn_labels)}
+    losses = {"rpn_class_loss": L.rpn_class_loss(stage.rpn_logits, rpn_labels, model.rpn.kind),
+              "rpn_bbox_loss": L.rpn_bbox_loss(stage.rpn_deltas, rpn_targets, rpn_labels)}
 
-    with torch.no_grad():
-        if cfg.use_rpn_rois:
-            windows = [model.proposal_window(m, image_shape, device) for m in metas]
-            proposals = model.propose(rpn_logits.detach(), rpn_deltas.detach(), anchors, level_sizes, windows,
-                                      cfg.post_nms_rois_training)
-            proposals = [to_pixels(model, p, image_shape) for p, _ in proposals]
-        else:
-            proposals = [random_rois(image_shape, cfg.post_nms_rois_training, g["boxes"][~g["crowd"]]).to(device)
-                         for g in gts]
+    if cfg.use_rpn_rois:
+        proposals = [to_pixels(model, p, image_shape) for p in stage.proposals]
+    else:
+        proposals = [random_rois(image_shape, cfg.post_nms_rois_training, g["boxes"][~g["crowd"]]).to(device)
+                     for g in gts]
     rois, labels, deltas, masks = [], [], [], []
     for p, g in zip(proposals, gts):
         r, lab, d, m = build_detection_targets(
