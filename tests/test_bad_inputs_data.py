@@ -243,8 +243,9 @@ def test_once_fatal_inputs_in_a_capped_process(tmp_path):
         _, kind, content, why = cases[name]
         args = write_case(tmp_path / name, kind, content)
         runs.append((name, why, ["check-data", *args]))
-        runs.append((name, why, ["train", *args, "--out", str(tmp_path / name / "run"), "--steps", "1",
-                                 "--workers", "0", "--device", "cpu"]))
+        if name in ("coco-nan-vertex", "labelme-nan-point"):   # what the issue saw crash train
+            runs.append((name, why, ["train", *args, "--out", str(tmp_path / name / "run"), "--steps", "1",
+                                     "--workers", "0", "--device", "cpu"]))
     proc = subprocess.run([sys.executable, "-c", CAPPED_RUNNER.format(cap=MEMORY_CAP),
                            json.dumps([argv for _, _, argv in runs])],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
