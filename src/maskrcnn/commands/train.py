@@ -266,17 +266,17 @@ def run(args) -> int:
             dataset.intensity_scaling = scaling
     info = init_distributed(args.device)
     try:
+        seed_everything(args.seed)  # before the model: its initial weights follow --seed
+        model = MaskRCNN(config, class_names, category_ids)
+        backbone_only = False
+        if args.weights and not args.resume:  # before anything is written: a missing file leaves no run
+            backbone_only = load_pretrained(model, args.weights)["backbone_only"]
         if info.is_main:
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise MaskRCNNError(f"{out}: cannot create the run folder ({e.strerror or e})") from None
             config.save(out / "config.yaml")
-        seed_everything(args.seed)  # before the model: its initial weights follow --seed
-        model = MaskRCNN(config, class_names, category_ids)
-        backbone_only = False
-        if args.weights and not args.resume:
-            backbone_only = load_pretrained(model, args.weights)["backbone_only"]
         trainer = Trainer(model, train, out, config, layers=args.layers or default_layers(args.weights, backbone_only),
                           val_dataset=val, eval_every=args.eval_every, patience=args.patience,
                           checkpoint_every=args.checkpoint_every, log_every=args.log_every,
