@@ -49,6 +49,20 @@ def _random_subset(indices: torch.Tensor, count: int, generator: torch.Generator
     return indices[order.to(indices.device)]
 
 
+def sample_balanced(positive: torch.Tensor, negative: torch.Tensor, num_samples: int, positive_ratio: float,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positive/negative sampler of both stages (Matterport's, and torchvision's
+    ``BalancedPositiveNegativeSampler``): at most ``int(num_samples * positive_ratio)`` of the
+    positives, then negatives up to ``num_samples`` in all, each chosen at random.
+
+    positive, negative: [N] bool.  Returns (positive indices [P] int64, negative indices [M]
+    int64), each in random order, P + M <= num_samples.
+    """
+    keep_pos = _random_subset(torch.nonzero(positive)[:, 0], int(num_samples * positive_ratio), generator)
+    keep_neg = _random_subset(torch.nonzero(negative)[:, 0], num_samples - keep_pos.numel(), generator)
+    return keep_pos, keep_neg
+
+
 def _crowd_overlap(boxes: torch.Tensor, crowd_boxes: torch.Tensor) -> torch.Tensor:
     """[N] bool: box i overlaps some crowd box with IoU >= CROWD_IOU.
 
@@ -154,13 +168,9 @@ def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: t
         is_best = _is_gt_best(anchors, objects, gt_best)
         labels[is_best | (best_iou >= positive_iou)] = 1
 
-    positives = torch.nonzero(labels == 1)[:, 0]
-    keep_pos = _random_subset(positives, int(num_samples * positive_ratio), generator)
-    labels[positives] = -1
+    keep_pos, keep_neg = sample_balanced(labels == 1, labels == 0, num_samples, positive_ratio, generator)
+    labels.fill_(-1)
     labels[keep_pos] = 1
-    negatives = torch.nonzero(labels == 0)[:, 0]
-    keep_neg = _random_subset(negatives, num_samples - keep_pos.numel(), generator)
-    labels[negatives] = -1
     labels[keep_neg] = 0
 
     if keep_pos.numel():
@@ -228,8 +238,7 @@ def build_detection_targets(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_
         positive = best_iou >= positive_iou
         negative = (best_iou < negative_iou) & ~crowd & ~positive
 
-    keep_pos = _random_subset(torch.nonzero(positive)[:, 0], int(num_samples * positive_ratio), generator)
-    keep_neg = _random_subset(torch.nonzero(negative)[:, 0], num_samples - keep_pos.numel(), generator)
+    keep_pos, keep_neg = sample_balanced(positive, negative, num_samples, positive_ratio, generator)
     keep = torch.cat([keep_pos, keep_neg])
     rois = candidates[keep]
     num_pos = keep_pos.numel()
