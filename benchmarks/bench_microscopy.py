@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def train_ours(data: Path, out: Path, steps: int, eval_every: int, backbone: str
         for key, value in settings.items():
             cmd += ["--set", f"{key}={json.dumps(value)}"]
         print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     else:
         from maskrcnn import Config, MaskRCNN
         from maskrcnn.data import TorchDataset, build_transforms, open_dataset
