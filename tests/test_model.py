@@ -111,13 +111,25 @@ def test_training_loss_falls_on_one_batch():
     assert np.mean(totals[-3:]) < 0.7 * np.mean(totals[:3])
 
 
-def test_training_accepts_images_without_instances():
-    m = maskrcnn.MaskRCNN(small_config(train_bn=True)).train()
+@pytest.mark.parametrize("objectness", ["softmax", "sigmoid"])
+def test_training_on_an_image_without_instances(objectness):
+    """Nothing to find: every sampled anchor and ROI is a negative, so the classifiers still
+    learn (positive class losses) and the box and mask regressions have nothing to fit (exactly
+    0), yet stay in the graph (a zero gradient, not None, as DistributedDataParallel needs)."""
+    torch.manual_seed(0)
+    m = maskrcnn.MaskRCNN(small_config(train_bn=True, rpn_objectness=objectness)).train()
     img = torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8)
     target = dict(masks=torch.zeros(0, 128, 128, dtype=torch.bool), labels=torch.zeros(0, dtype=torch.int64))
     losses = m([img], [target])
+    assert losses["rpn_bbox_loss"].item() == 0.0
+    assert losses["mrcnn_bbox_loss"].item() == 0.0 and losses["mrcnn_mask_loss"].item() == 0.0
+    assert losses["rpn_class_loss"].item() > 0 and losses["mrcnn_class_loss"].item() > 0
     sum(losses.values()).backward()
-    assert all(torch.isfinite(v) for v in losses.values())
+    for name, p in m.named_parameters():
+        if name.startswith(("rpn.deltas", "box_head.bbox", "mask_head.logits")):
+            assert p.grad is not None and not p.grad.any(), name
+        if name.startswith(("rpn.objectness", "box_head.class_logits")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_config_presets_files_and_errors(tmp_path):
