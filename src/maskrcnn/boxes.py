@@ -22,6 +22,13 @@ def std_xy(std_dev) -> tuple:
     return (sx, sy, sw, sh)
 
 
+def centres_and_sizes(boxes: torch.Tensor):
+    """[..., (x1, y1, x2, y2)] -> (centre x, centre y, width, height), each [...]."""
+    width = boxes[..., 2] - boxes[..., 0]
+    height = boxes[..., 3] - boxes[..., 1]
+    return boxes[..., 0] + 0.5 * width, boxes[..., 1] + 0.5 * height, width, height
+
+
 def apply_box_deltas(boxes: torch.Tensor, deltas: torch.Tensor, std=(1.0, 1.0, 1.0, 1.0),
                      clip_log_size: float | None = None) -> torch.Tensor:
     """Refine boxes by deltas.
@@ -35,10 +42,7 @@ def apply_box_deltas(boxes: torch.Tensor, deltas: torch.Tensor, std=(1.0, 1.0, 1
     """
     std = deltas.new_tensor(std)
     deltas = deltas * std
-    width = boxes[..., 2] - boxes[..., 0]
-    height = boxes[..., 3] - boxes[..., 1]
-    cx = boxes[..., 0] + 0.5 * width
-    cy = boxes[..., 1] + 0.5 * height
+    cx, cy, width, height = centres_and_sizes(boxes)
     dw, dh = deltas[..., 2], deltas[..., 3]
     if clip_log_size is not None:
         dw = dw.clamp(max=clip_log_size)
@@ -58,14 +62,8 @@ def box_deltas(boxes: torch.Tensor, targets: torch.Tensor, std=(1.0, 1.0, 1.0, 1
     boxes, targets: [..., (x1, y1, x2, y2)] in the same frame, positive sizes.
     Returns [..., (dx, dy, log dw, log dh)] divided by ``std`` (sx, sy, sw, sh).
     """
-    width = boxes[..., 2] - boxes[..., 0]
-    height = boxes[..., 3] - boxes[..., 1]
-    cx = boxes[..., 0] + 0.5 * width
-    cy = boxes[..., 1] + 0.5 * height
-    t_width = targets[..., 2] - targets[..., 0]
-    t_height = targets[..., 3] - targets[..., 1]
-    t_cx = targets[..., 0] + 0.5 * t_width
-    t_cy = targets[..., 1] + 0.5 * t_height
+    cx, cy, width, height = centres_and_sizes(boxes)
+    t_cx, t_cy, t_width, t_height = centres_and_sizes(targets)
     deltas = torch.stack([(t_cx - cx) / width, (t_cy - cy) / height,
                           torch.log(t_width / width), torch.log(t_height / height)], dim=-1)
     return deltas / deltas.new_tensor(std)

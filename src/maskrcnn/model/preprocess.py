@@ -100,6 +100,12 @@ def resize_bilinear_uint8(image: np.ndarray, height: int, width: int) -> np.ndar
     return np.clip(out, low, high, out=out).astype(np.uint8)
 
 
+def _centred_padding(size: int, multiple: int) -> tuple[int, int]:
+    """Zeros (before, after) that centre ``size`` in the next multiple of ``multiple``."""
+    extra = -size % multiple
+    return extra // 2, extra - extra // 2
+
+
 def resize_matterport(image: np.ndarray, mode: str, min_dim: int, max_dim: int, min_scale: float = 0):
     """Matterport's ``utils.resize_image`` (modes none, square, pad64; "crop" as pad64: the
     whole image at inference, scaled as crop mode scales it; training takes random squares of
@@ -127,15 +133,8 @@ def resize_matterport(image: np.ndarray, mode: str, min_dim: int, max_dim: int, 
         top, left = (max_dim - h) // 2, (max_dim - w) // 2
         bottom, right = max_dim - h - top, max_dim - w - left
     elif mode in ("pad64", "crop"):
-        top = left = bottom = right = 0
-        if h % 64:
-            full = h - h % 64 + 64
-            top = (full - h) // 2
-            bottom = full - h - top
-        if w % 64:
-            full = w - w % 64 + 64
-            left = (full - w) // 2
-            right = full - w - left
+        top, bottom = _centred_padding(h, 64)
+        left, right = _centred_padding(w, 64)
     else:
         raise ValueError(f"image_resize_mode={mode!r} cannot be used for inference")
     image = np.pad(image, [(top, bottom), (left, right), (0, 0)])
