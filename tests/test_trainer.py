@@ -74,6 +74,10 @@ def test_in_process_resume_matches(tmp_path):
     trainer = _trainer(tmp_path / "b", checkpoint_every=5)
     trainer.fit(12, resume=True)
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")  # steps 6..12 logged once, identical
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "b" / "tb"))
+    events.Reload()  # TensorBoard purged the first run's steps 6..12: one curve
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))
 
 
 def test_batches_are_a_function_of_seed_and_epoch():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from ..config import LAYER_REGIMES
@@ -232,6 +233,8 @@ def prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
 
     if resume and overwrite:
         raise MaskRCNNError("--resume and --overwrite: give one of them")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun rank 0 decides (and deletes); its error ends every rank
     found = [name for name in RUN_ENTRIES if (out / name).exists()]
     if not found or resume:
         return
