@@ -317,9 +317,12 @@ class Trainer:
         (rank 0).  TensorBoard drops what a killed run logged after the step resumed from."""
         if not self.info.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise MaskRCNNError(f"{self.metrics_path}: cannot write ({e.strerror or e})") from None
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.start_step + 1)
