@@ -247,7 +247,9 @@ class Trainer:
         while True:
             chosen = epoch_batches(len(self.dataset), self.batch_size, self.seed, epoch,
                                    self.info.rank, self.info.world_size)
-            keyed = [[(b * self.batch_size + j, index) for j, index in enumerate(batch)]
+            # position in the epoch across all processes: each rank's items draw their own streams
+            first = [(b * self.info.world_size + self.info.rank) * self.batch_size for b in range(len(chosen))]
+            keyed = [[(first[b] + j, index) for j, index in enumerate(batch)]
                      for b, batch in enumerate(chosen)][offset:]
             # An own generator: DataLoader otherwise draws its base seed from the global RNG,
             # and a resumed run would then see a different torch random stream.
