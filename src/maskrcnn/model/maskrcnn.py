@@ -91,18 +91,25 @@ class MaskRCNN(nn.Module):
         Returns ([A, (x1, y1, x2, y2)] float32, anchors per level)."""
         key = (tuple(image_shape), str(device))
         if key not in self._anchor_cache:
-            cfg = self.config
-            shapes = [(-(-image_shape[0] // s), -(-image_shape[1] // s)) for s in cfg.backbone_strides]
-            strides = (torchvision_strides(image_shape, shapes) if cfg.anchor_style == "torchvision"
-                       else cfg.backbone_strides)
-            px = pyramid_anchors(cfg.rpn_anchor_scales, cfg.rpn_anchor_ratios, strides,
-                                 shapes, cfg.rpn_anchor_stride, cfg.anchor_style)
-            if cfg.box_frame == "normalized":
-                px = box_ops.normalize_boxes(px, *image_shape)
-            sizes = [len(range(0, h, cfg.rpn_anchor_stride)) * len(range(0, w, cfg.rpn_anchor_stride))
-                     * len(cfg.rpn_anchor_ratios) for h, w in shapes]
-            self._anchor_cache = {key: (px.float().to(device), sizes)}
+            shapes = [(-(-image_shape[0] // s), -(-image_shape[1] // s)) for s in self.config.backbone_strides]
+            px, sizes = self.anchors_for_shapes(image_shape, shapes)
+            self._anchor_cache = {key: (px.to(device), sizes)}
         return self._anchor_cache[key]
+
+    def anchors_for_shapes(self, image_shape, shapes) -> tuple[torch.Tensor, list]:
+        """Anchors over feature maps of ``shapes`` [(H_l, W_l)] (P2..P6) of a batch molded to
+        ``image_shape`` (H, W), uncached; sizes may be symbolic (an exporter reads them from the
+        maps).  Returns ([A, (x1, y1, x2, y2)] float32 in the model's box frame, anchors per level)."""
+        cfg = self.config
+        strides = (torchvision_strides(image_shape, shapes) if cfg.anchor_style == "torchvision"
+                   else cfg.backbone_strides)
+        px = pyramid_anchors(cfg.rpn_anchor_scales, cfg.rpn_anchor_ratios, strides, shapes,
+                             cfg.rpn_anchor_stride, cfg.anchor_style)
+        if cfg.box_frame == "normalized":
+            px = box_ops.normalize_boxes(px, *image_shape)
+        step = cfg.rpn_anchor_stride
+        sizes = [((h + step - 1) // step) * ((w + step - 1) // step) * len(cfg.rpn_anchor_ratios) for h, w in shapes]
+        return px.float(), sizes
 
     def frame_window(self, meta: ImageMeta, image_shape: tuple[int, int], device) -> torch.Tensor:
         """The image's real content (x1, y1, x2, y2) in the model's box frame."""
