@@ -4,8 +4,9 @@ The script below is Matterport's ``samples/shapes/train_shapes.ipynb`` as a scri
 subclass with upper-case attributes, a Dataset subclass that draws its images and masks,
 training in two stages, detection and ``r["rois"]``) at toy size.  What changed:
 
-* the imports: ``from mrcnn.config import Config``, ``from mrcnn import utils`` and
-  ``import mrcnn.model as modellib`` become the three lines marked "port" below;
+* the imports: ``from mrcnn.config import Config``, ``from mrcnn import utils``,
+  ``import mrcnn.model as modellib`` and imgaug become the lines marked "port" below (the
+  augmentation a torchvision v2 transform: ``iaa.Fliplr(0.5)`` is ``v2.RandomHorizontalFlip(0.5)``);
 * ``model.train(...)`` is ``model.fit(...)`` (``train`` is ``nn.Module``'s mode switch);
 * shapes are drawn with numpy instead of cv2, and ``np.bool`` (gone from numpy) is ``bool``;
 * a small network (``BACKBONE = "resnet18"``, narrow heads) so the test runs in seconds on a CPU.
@@ -20,6 +21,7 @@ import torch
 import maskrcnn as modellib           # port: was `import mrcnn.model as modellib`
 from maskrcnn import Config           # port: was `from mrcnn.config import Config`
 import maskrcnn as utils              # port: was `from mrcnn import utils`
+from torchvision.transforms import v2 as iaa  # port: was `import imgaug.augmenters as iaa` (iaa.Fliplr(0.5))
 
 
 class ShapesConfig(Config):
@@ -134,7 +136,9 @@ def test_matterport_shapes_script_runs_with_changed_imports(tmp_path, capsys):
 
     model = modellib.MaskRCNN(mode="training", config=config, model_dir=MODEL_DIR)
     model.fit(dataset_train, dataset_val, learning_rate=config.LEARNING_RATE, epochs=1, layers='heads')
-    model.fit(dataset_train, dataset_val, learning_rate=config.LEARNING_RATE / 10, epochs=2, layers="all")
+    augmentation = iaa.RandomHorizontalFlip(0.5)
+    model.fit(dataset_train, dataset_val, learning_rate=config.LEARNING_RATE / 10, epochs=2, layers="all",
+              augmentation=augmentation)
 
     class InferenceConfig(ShapesConfig):
         GPU_COUNT = 1
