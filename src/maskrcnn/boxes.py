@@ -13,6 +13,7 @@ Two frames are used between the stages of the model (see ``Config.box_frame``):
 from __future__ import annotations
 
 import torch
+import torchvision
 from torchvision.ops import box_iou  # noqa: F401  (re-exported: IoU is torchvision's)
 
 
@@ -82,18 +83,40 @@ def clip_boxes(boxes: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     return torch.stack([x1, y1, x2, y2], dim=-1)
 
 
+def _frame_scale(boxes: torch.Tensor, height, width) -> torch.Tensor:
+    """[(W - 1, H - 1, W - 1, H - 1)] in ``boxes``' dtype; built from 0-d tensors so that an
+    exporter keeps symbolic sizes symbolic."""
+    w, h = boxes.new_full((), width - 1), boxes.new_full((), height - 1)
+    return torch.stack([w, h, w, h])
+
+
 def normalize_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Pixel corners (x2, y2 exclusive) of a ``height`` x ``width`` image -> normalized frame."""
-    scale = boxes.new_tensor([width - 1, height - 1, width - 1, height - 1])
     shift = boxes.new_tensor([0, 0, 1, 1])
-    return (boxes - shift) / scale
+    return (boxes - shift) / _frame_scale(boxes, height, width)
 
 
 def denormalize_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Normalized frame -> pixel corners of a ``height`` x ``width`` image (not rounded)."""
-    scale = boxes.new_tensor([width - 1, height - 1, width - 1, height - 1])
     shift = boxes.new_tensor([0, 0, 1, 1])
-    return boxes * scale + shift
+    return boxes * _frame_scale(boxes, height, width) + shift
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+                iou_threshold: float) -> torch.Tensor:
+    """NMS within each group: ``torchvision.ops.batched_nms``.  While exporting a graph it is
+    torchvision's coordinate-offset form (each group's boxes shifted past the previous group's,
+    one NMS), without its Python branches on the number of boxes, which is unknown then.
+
+    boxes: [K, (x1, y1, x2, y2)] with non-negative coordinates; scores [K]; groups [K] int64.
+    Returns indices into ``boxes``, by descending score.
+    """
+    if not torch.compiler.is_exporting():
+        return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)
+    # max over the boxes and 0: never an empty reduction, the same value when there are boxes
+    top = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()
+    shifted = boxes + (groups.to(boxes) * (top + 1))[:, None]
+    return torchvision.ops.nms(shifted, scores, iou_threshold)
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

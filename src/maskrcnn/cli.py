@@ -13,7 +13,7 @@ import sys
 
 from .errors import MaskRCNNError
 
-COMMANDS = ("demo", "train", "evaluate", "detect", "check_data", "convert")
+COMMANDS = ("demo", "train", "evaluate", "detect", "check_data", "convert", "export")
 
 EPILOG = """examples:
   maskrcnn demo --out demo_out                      train on built-in shapes, write pictures
@@ -22,6 +22,7 @@ EPILOG = """examples:
   maskrcnn check-data --coco annotations.json --images images/
   maskrcnn train --coco train.json --images train/ --out run1 --set learning_rate=0.002 --set images_per_gpu=1
   maskrcnn evaluate --weights run1/model --coco val.json --images val/ --out metrics.json
+  maskrcnn export --weights run1/model --format onnx --out model.onnx
 
 `maskrcnn COMMAND --help` shows each command's options and examples."""
 

@@ -159,7 +159,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights_required: bool 
     """--weights, --batch-size, and --config, --set, --device (:func:`add_config_arguments`)."""
     group = parser.add_argument_group("model")
     group.add_argument("--weights", required=weights_required, metavar="PATH",
-                       help="a model folder written by MaskRCNN.save (train, convert)")
+                       help="a model folder written by MaskRCNN.save (train, convert), or an ONNX file "
+                            "written by maskrcnn export (run with ONNX Runtime)")
     group.add_argument("--batch-size", type=at_least(1), default=1, metavar="N",
                        help="images per forward pass (default 1)")
     add_config_arguments(parser, config_help="config to use instead of the one saved with the weights")
@@ -177,12 +178,22 @@ def load_model(args):
     weights = Path(args.weights)
     if not weights.exists():
         raise MaskRCNNError(f"{weights}: no such model folder or weights file")
+    if weights.suffix.lower() == ".onnx":
+        from ..export.onnx import OnnxMaskRCNN
+        if args.config or args.overrides:
+            raise MaskRCNNError(f"{weights}: an exported model's config is fixed; give --set to maskrcnn export")
+        return OnnxMaskRCNN.load(weights)
     config = None
     if args.config or args.overrides:
         folder = weights if weights.is_dir() else weights.parent
         config = config_from_args(args, default=folder / CONFIG_FILE)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return MaskRCNN.load(weights, map_location=device, config=config)
+
+
+def runtime_name(model) -> str:
+    """What runs ``model``: "ONNX Runtime (CPU)" for an exported file, else "PyTorch eager (<device>)"."""
+    return getattr(model, "runtime", None) or f"PyTorch eager ({getattr(model, 'device', 'cpu')})"
 
 
 def model_class_names(model) -> list[str]:

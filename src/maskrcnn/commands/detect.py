@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import DataError
-from .common import add_model_arguments, batches, load_model, model_class_names, output_path, progress
+from .common import add_model_arguments, batches, load_model, model_class_names, output_path, progress, runtime_name
 
 log = logging.getLogger("maskrcnn")
 
@@ -202,7 +202,8 @@ def run(args) -> int:
             f.write("\n]\n")
 
     atomic_write_with(out / RESULTS_FILE, write_results)
-    print(f"{summary['detections']} instances in {summary['images']} images; results in {out / RESULTS_FILE}")
+    print(f"{summary['detections']} instances in {summary['images']} images; results in {out / RESULTS_FILE} "
+          f"(ran on {runtime_name(model)})")
     if skipped:
         print(f"skipped {len(skipped)} unreadable input(s): {', '.join(skipped)}")
         return 1

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms, remove_small_boxes
+from torchvision.ops import remove_small_boxes
 
-from ..boxes import apply_box_deltas, clip_boxes, normalize_boxes
+from ..boxes import apply_box_deltas, batched_nms, clip_boxes, normalize_boxes
 from ..structures import Detections
 
 

@@ -6,9 +6,9 @@ top-k anchors by foreground score -> apply the predicted deltas -> clip -> (drop
 from __future__ import annotations
 
 import torch
-from torchvision.ops import batched_nms, nms, remove_small_boxes
+from torchvision.ops import nms, remove_small_boxes
 
-from ..boxes import apply_box_deltas, clip_boxes
+from ..boxes import apply_box_deltas, batched_nms, clip_boxes
 
 
 def descending_order(scores: torch.Tensor, k: int) -> torch.Tensor:

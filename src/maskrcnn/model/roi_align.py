@@ -25,6 +25,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torchvision.ops import roi_align
 
 CANONICAL_SIZE = 224.0  # FPN paper eq. 1: a 224x224 box maps to level 4
@@ -43,7 +44,7 @@ def crop_and_resize(features: torch.Tensor, boxes: torch.Tensor, box_indices: to
     n, c, h, w = features.shape
     ch, cw = crop_size
     r = boxes.shape[0]
-    if r == 0:
+    if guard_or_false(r == 0):
         return features.new_zeros(0, c, ch, cw)
     x1, y1, x2, y2 = boxes.unbind(dim=1)
 
@@ -125,7 +126,7 @@ def channels_last_to_nchw(feature: torch.Tensor, block: int = 256) -> torch.Tens
 def nchw(feature: torch.Tensor) -> torch.Tensor:
     """``feature.contiguous()``, remembered for as long as ``feature`` lives unchanged when
     autograd is off (box and mask pooling read the same maps)."""
-    if feature.is_contiguous() or torch.is_grad_enabled():
+    if feature.is_contiguous() or torch.is_grad_enabled() or torch.compiler.is_exporting():
         return feature.contiguous()
     key = id(feature)
     version = None if feature.is_inference() else feature._version  # inference tensors have none
@@ -146,7 +147,8 @@ def parallel_roi_align(feature: torch.Tensor, rois: torch.Tensor, output_size: i
     feature: [N, C, H, W]; rois: [R, (image index, x1, y1, x2, y2)].  Returns [R, C, out, out].
     """
     threads = torch.get_num_threads()
-    if feature.device.type != "cpu" or torch.is_grad_enabled() or threads < 2 or rois.shape[0] < 2 * threads:
+    if feature.device.type != "cpu" or torch.is_grad_enabled() or threads < 2 or torch.compiler.is_exporting() \
+            or rois.shape[0] < 2 * threads:
         return roi_align(feature, rois, output_size, spatial_scale, sampling_ratio, aligned=False)
     pool = _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads, "roi_align"))
     inference = torch.is_inference_mode_enabled()
@@ -170,8 +172,7 @@ def pyramid_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor], o
     Returns [sum R_i, C, output_size, output_size], boxes in input order (image by image).
     """
     all_boxes = torch.cat(boxes)
-    index = torch.cat([torch.full((len(b),), i, dtype=torch.long, device=all_boxes.device)
-                       for i, b in enumerate(boxes)])
+    index = torch.cat([torch.full_like(b[:, 0], i, dtype=torch.long) for i, b in enumerate(boxes)])
     min_level = round(math.log2(strides[0]))
     max_level = min_level + len(features) - 1
     if mode == "crop_and_resize":
@@ -182,7 +183,7 @@ def pyramid_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor], o
     out = features[0].new_zeros(all_boxes.shape[0], c, output_size, output_size)
     for i, feature in enumerate(features):
         idx = torch.nonzero(levels == min_level + i).squeeze(1)
-        if idx.numel() == 0:
+        if guard_or_false(idx.numel() == 0):  # unknown while exporting: pool (maybe nothing)
             continue
         if mode == "crop_and_resize":
             pooled = crop_and_resize(feature, all_boxes[idx], index[idx], (output_size, output_size))
