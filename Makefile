@@ -25,6 +25,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_vs_torchvision.py
+	$(PY) benchmarks/bench_onnx.py
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info src/*.egg-info

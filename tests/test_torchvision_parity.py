@@ -7,6 +7,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 import maskrcnn
 from maskrcnn import Config
 from maskrcnn.errors import WeightsError
+from reference import same_detections
 
 MIN_SIZE, MAX_SIZE = 320, 512
 
@@ -45,19 +46,11 @@ def images(seed=1):
 
 
 def assert_same_detections(ref: dict, ours):
-    assert len(ours) == len(ref["boxes"]) > 0
-    used = set()
-    ref_masks = ref["masks"][:, 0] > 0.5
-    mismatched = 0
-    for i in range(len(ref["boxes"])):
-        close = ((ours.boxes - ref["boxes"][i]).abs().max(dim=1).values < 1e-2) & (ours.labels == ref["labels"][i])
-        close &= (ours.scores - ref["scores"][i]).abs() < 1e-4
-        j = [int(k) for k in torch.nonzero(close).flatten() if int(k) not in used]
-        assert j, f"torchvision detection {i} ({ref['boxes'][i].tolist()}, label {int(ref['labels'][i])}) not found"
-        used.add(j[0])
-        mismatched += int((ours.masks[j[0]] != ref_masks[i]).sum())
-    # Masks: identical up to a rare pixel whose probability sits on 0.5 within float noise.
-    assert mismatched <= 1e-4 * ref_masks.numel()
+    """Same detections (reference.same_detections: labels, boxes within 1e-2 px, scores within
+    1e-4, masks identical up to 1e-4 of the pixels, which sit on 0.5 within float noise)."""
+    assert len(ref["boxes"]) > 0
+    ok, note = same_detections(ref, ours)
+    assert ok, note
     assert ours.masks.any(dim=(1, 2)).sum() > 0
 
 

@@ -1,0 +1,218 @@
+"""What every benchmark script shares: the models on the same weights, test images, interleaved
+timing with medians, per-stage timers, the machine's description and common options.
+
+Both models run in one process, in turn (A B A B ...), after a warm-up, with the same thread
+count: the machine may be shared, and the ratio of two interleaved medians is what survives
+noise.  The torchvision reference and the detection check live in tests/reference.py, shared
+with the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import NUM_CLASSES, TorchvisionMaskRCNN, build_torchvision, same_detections  # noqa: E402,F401
+
+import maskrcnn  # noqa: E402
+from maskrcnn import Config  # noqa: E402
+
+
+def build_ours(tv: TorchvisionMaskRCNN, min_size: int, max_size: int) -> maskrcnn.MaskRCNN:
+    cfg = Config.preset("torchvision", num_classes=NUM_CLASSES, image_min_dim=min_size, image_max_dim=max_size)
+    return maskrcnn.MaskRCNN.from_torchvision(tv.state_dict(), cfg)
+
+
+def smooth_image(h: int, w: int, seed: int) -> torch.Tensor:
+    """A [3, h, w] uint8 image of blobs and edges (upsampled noise): closer to a photo's
+    statistics than white noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, h // 16 + 1, w // 16 + 1, generator=g)
+    img = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
+    img = img + 0.15 * torch.rand(3, h, w, generator=g)
+    return (img.clamp(0, 1) * 255).to(torch.uint8)
+
+
+def set_score_threshold(tv, ours, threshold: float) -> None:
+    tv.roi_heads.score_thresh = threshold
+    ours.config.detection_min_confidence = threshold
+
+
+def threshold_for(tv, image: torch.Tensor, count: int, device) -> float:
+    """The score threshold at which torchvision keeps ``count`` detections on ``image``: halfway
+    between its count-th and (count+1)-th scores at the lowest threshold (NMS is greedy in score
+    order, so raising the threshold only drops the tail)."""
+    tv.roi_heads.score_thresh = 1e-3
+    with torch.inference_mode():
+        scores = tv([image.to(device).float() / 255])[0]["scores"].cpu()
+    if len(scores) <= count:
+        return 1e-3
+    return float(scores[count - 1] + scores[count]) / 2
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def interleaved(fns: dict, reps: int, device, warmup: int = 1) -> dict[str, list[float]]:
+    """Run every function once per round, in turn, ``warmup`` + ``reps`` rounds; returns the
+    timed seconds of each."""
+    times = {k: [] for k in fns}
+    for r in range(warmup + reps):
+        for k, fn in fns.items():
+            dt = timed(fn, device)
+            if r >= warmup:
+                times[k].append(dt)
+    return times
+
+
+class StageTimer:
+    """Seconds per named stage, from forward hooks on modules and wrappers around functions."""
+
+    def __init__(self, device):
+        self.device = device
+        self.times = defaultdict(float)
+        self.active = False
+        self._undo = []
+
+    @contextmanager
+    def span(self, stage: str):
+        if not self.active:
+            yield
+            return
+        sync(self.device)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.times[stage] += time.perf_counter() - t
+
+    def wrap(self, owner, name: str, stage):
+        """Time calls of ``owner.name`` (a function or bound method) as ``stage`` (a name, or a
+        function of the call's arguments giving one)."""
+        original = getattr(owner, name)
+        had_own = name in vars(owner) if hasattr(owner, "__dict__") else False
+
+        def wrapper(*args, **kwargs):
+            with self.span(stage(*args, **kwargs) if callable(stage) else stage):
+                return original(*args, **kwargs)
+
+        setattr(owner, name, wrapper)
+        self._undo.append(lambda: setattr(owner, name, original) if had_own else delattr(owner, name))
+
+    def hook(self, module, stage: str):
+        state = {}
+
+        def pre(*_):
+            if self.active:
+                sync(self.device)
+                state["t"] = time.perf_counter()
+
+        def post(*_):
+            if self.active and "t" in state:
+                sync(self.device)
+                self.times[stage] += time.perf_counter() - state.pop("t")
+
+        self._undo.append(module.register_forward_pre_hook(pre).remove)
+        self._undo.append(module.register_forward_hook(post).remove)
+
+    def collect(self, fn) -> dict[str, float]:
+        self.times.clear()
+        self.active = True
+        try:
+            total = timed(fn, self.device)
+        finally:
+            self.active = False
+        out = dict(self.times)
+        out["total"] = total
+        return out
+
+    def remove(self):
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+
+def conv_throughput(device, reps: int = 5) -> float:
+    """GFLOP/s of a 3x3 256->256 convolution on a 200x272 map (an FPN P2 conv), channels-last."""
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(device).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 256, 200, 272, device=device).contiguous(memory_format=torch.channels_last)
+    flops = 2 * 256 * 256 * 9 * 200 * 272
+    with torch.inference_mode():
+        conv(x)
+        t = statistics.median(timed(lambda: conv(x), device) for _ in range(reps))
+    return flops / t / 1e9
+
+
+def model_flops(ours, image, device) -> tuple[float, float]:
+    """(total GFLOPs, backbone+FPN GFLOPs) of one detect, counted by FlopCounterMode
+    (convolutions and matrix products; roi_align, NMS and elementwise work not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        ours.detect([image])
+    counts = counter.get_flop_counts()
+    backbone = sum(sum(counts.get(k, {}).values()) for k in ("ResNet", "FPN"))  # top-level modules by class
+    return counter.get_total_flops() / 1e9, backbone / 1e9
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:8.0f}" if seconds >= 0.01 else f"{seconds * 1e3:8.1f}"
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
+    amx = ", AMX" if "amx_tile" in flags else ", no AMX"
+    return f"{name}, {os.cpu_count()} cores, {isa}{amx}; torch {torch.__version__}"
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """--device, --threads and --reps, the options every script takes."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--reps", type=int, default=5, help="timed rounds per case")
+    return p
+
+
+def setup(args) -> torch.device:
+    """Apply --threads; full float32 on a GPU (no TF32: the two models pick different conv
+    algorithms, and with TF32 their scores drift apart by more than the 1e-4 the detection
+    check allows).  Prints the title line; returns the device."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else machine()
+    print(f"# maskrcnn vs torchvision {__import__('torchvision').__version__}: {where}")
+    return device
