@@ -153,22 +153,36 @@ def training_losses(model, images, targets) -> dict[str, torch.Tensor]:
                        cfg.mini_mask_shape if cfg.use_mini_mask else None) for t, m in zip(targets, metas)]
 
     stage = model.first_stage(batch, metas, cfg.post_nms_rois_training if cfg.use_rpn_rois else None)
-    features = stage.features
-    anchors_px = to_pixels(model, stage.anchors, image_shape)
-
-    rpn_labels, rpn_targets = zip(*[
-        build_rpn_targets(anchors_px, g["boxes"], g["crowd"], cfg.rpn_train_anchors_per_image,
-                          cfg.rpn_positive_ratio, cfg.rpn_positive_iou, cfg.rpn_negative_iou,
-                          box_ops.std_xy(cfg.rpn_bbox_std_dev)) for g in gts])
-    rpn_labels, rpn_targets = torch.stack(rpn_labels), torch.stack(rpn_targets)
-    losses = {"rpn_class_loss": L.rpn_class_loss(stage.rpn_logits, rpn_labels, model.rpn.kind),
-              "rpn_bbox_loss": L.rpn_bbox_loss(stage.rpn_deltas, rpn_targets, rpn_labels)}
-
+    losses = rpn_losses(model, stage, gts, image_shape)
     if cfg.use_rpn_rois:
         proposals = [to_pixels(model, p, image_shape) for p in stage.proposals]
     else:
         proposals = [random_rois(image_shape, cfg.post_nms_rois_training, g["boxes"][~g["crowd"]]).to(device)
                      for g in gts]
+    losses.update(head_losses(model, stage.features, proposals, gts, image_shape))
+    return {k: v * cfg.loss_weights[k] for k, v in losses.items()}
+
+
+def rpn_losses(model, stage, gts: list[dict], image_shape) -> dict[str, torch.Tensor]:
+    """``rpn_class_loss`` and ``rpn_bbox_loss`` (unweighted) of a batch: the anchors of
+    ``stage`` (:meth:`MaskRCNN.first_stage`) labelled and sampled against each image's
+    ground truth (``gts``, :func:`mold_target`'s dicts) in molded pixels."""
+    cfg = model.config
+    anchors_px = to_pixels(model, stage.anchors, image_shape)
+    labels, targets = zip(*[
+        build_rpn_targets(anchors_px, g["boxes"], g["crowd"], cfg.rpn_train_anchors_per_image,
+                          cfg.rpn_positive_ratio, cfg.rpn_positive_iou, cfg.rpn_negative_iou,
+                          box_ops.std_xy(cfg.rpn_bbox_std_dev)) for g in gts])
+    labels, targets = torch.stack(labels), torch.stack(targets)
+    return {"rpn_class_loss": L.rpn_class_loss(stage.rpn_logits, labels, model.rpn.kind),
+            "rpn_bbox_loss": L.rpn_bbox_loss(stage.rpn_deltas, targets, labels)}
+
+
+def head_losses(model, features, proposals: list[torch.Tensor], gts: list[dict], image_shape) -> dict[str, torch.Tensor]:
+    """``mrcnn_class_loss``, ``mrcnn_bbox_loss`` and ``mrcnn_mask_loss`` (unweighted) of a batch:
+    ROIs sampled from each image's ``proposals`` ([P_i, 4] molded pixels) with their targets,
+    the box head on all of them, the mask head on the positive ones."""
+    cfg = model.config
     rois, labels, deltas, masks = [], [], [], []
     for p, g in zip(proposals, gts):
         r, lab, d, m = build_detection_targets(
@@ -181,8 +195,8 @@ def training_losses(model, images, targets) -> dict[str, torch.Tensor]:
         masks.append(m)
     class_logits, box_deltas = model.classify(features, rois, image_shape)
     labels_all = torch.cat(labels)
-    losses["mrcnn_class_loss"] = L.mrcnn_class_loss(class_logits, labels_all)
-    losses["mrcnn_bbox_loss"] = L.mrcnn_bbox_loss(box_deltas, torch.cat(deltas), labels_all)
+    losses = {"mrcnn_class_loss": L.mrcnn_class_loss(class_logits, labels_all),
+              "mrcnn_bbox_loss": L.mrcnn_bbox_loss(box_deltas, torch.cat(deltas), labels_all)}
 
     positive = [lab > 0 for lab in labels]
     pos_rois = [r[p] for r, p in zip(rois, positive)]
@@ -193,4 +207,4 @@ def training_losses(model, images, targets) -> dict[str, torch.Tensor]:
         losses["mrcnn_mask_loss"] = L.mrcnn_mask_loss(mask_logits, pos_masks, pos_labels)
     else:
         losses["mrcnn_mask_loss"] = (class_logits.sum() + sum(p.sum() for p in model.mask_head.parameters())) * 0.0
-    return {k: v * cfg.loss_weights[k] for k, v in losses.items()}
+    return losses
