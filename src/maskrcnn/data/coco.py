@@ -69,7 +69,7 @@ def validate_coco(data, path) -> None:
 
 def _validate_annotation(ann: dict, where: str) -> None:
     """Types of one annotation's ``iscrowd``, ``bbox`` and ``segmentation`` (stored normalised)."""
-    if ann.get("iscrowd", 0) not in (0, 1):
+    if (ann.get("iscrowd") or 0) not in (0, 1):
         raise DataError(f"{where}: 'iscrowd' must be 0 or 1, not {show_value(ann['iscrowd'])}")
     if ann.get("bbox") is not None:
         box = require_coordinates(ann["bbox"], f"{where}: 'bbox'")
