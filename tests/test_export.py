@@ -24,7 +24,7 @@ from maskrcnn.model.preprocess import mold_images  # noqa: E402
 CONFIGS = {
     # torchvision numerics: pytorch ResNet with folded BN, sigmoid RPN per level, roi_align,
     # all-classes detection; molded sizes 320x448 and 480x320
-    "torchvision": Config.preset("torchvision", backbone="resnet18", num_classes=5, image_min_dim=320,
+    "torchvision": Config.preset("torchvision", backbone="resnet18", num_classes=4, image_min_dim=320,
                                  image_max_dim=512),
     # Matterport numerics: caffe ResNet, softmax RPN, crop_and_resize, argmax detection; pad64
     # molds to 128x256 and 192x128
@@ -127,6 +127,21 @@ def test_detect_cli_runs_the_onnx_file(exported, tmp_path, capsys):
     assert main(["detect", "--weights", str(path), "--set", "detection_min_confidence=0.5",
                  str(tmp_path / "a.png")]) == 2
     assert "config is fixed" in capsys.readouterr().err
+
+
+def test_evaluate_cli_onnx_equals_eager(exported, tmp_path):
+    from data_samples import coco_sample
+    _, path = exported
+    ann, folder = coco_sample(tmp_path)
+    metrics = {}
+    for name, weights in (("eager", path.parent / "model"), ("onnx", path)):
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--weights", str(weights), "--coco", str(ann), "--images", str(folder),
+                     "--out", str(out)]) == 0
+        metrics[name] = json.loads(out.read_text())
+    for kind in ("bbox", "segm"):
+        for key, value in metrics["eager"][kind].items():
+            assert metrics["onnx"][kind][key] == pytest.approx(value, abs=1e-6), (kind, key)
 
 
 def test_missing_onnxruntime_is_one_error_line(monkeypatch, tmp_path, capsys):
