@@ -2,6 +2,7 @@
 
     python benchmarks/bench_onnx.py                 # 480x640, ~10 detections, 2 threads
     python benchmarks/bench_onnx.py --cases 4 --reps 5
+    python benchmarks/bench_onnx.py --skip 2            # 800x1333, ~10 detections
 
 Rows: ours eager, ours exported (``maskrcnn.export.export_onnx``) on ONNX Runtime, torchvision
 eager, torchvision exported to ONNX Runtime.  Same weights (ours converted from torchvision's),
@@ -64,7 +65,7 @@ def bench_onnx(args, device) -> list[dict]:
           "| ours ORT/tv ORT | detections |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     tmp = Path(tempfile.mkdtemp(prefix="bench_onnx_"))
-    for label, (h, w), count in CASES[:args.cases]:
+    for label, (h, w), count in CASES[args.skip:args.skip + args.cases]:
         image = smooth_image(h, w, seed=h + w)
         set_score_threshold(tv, ours, threshold_for(tv, image, count, device))
         ours_onnx = OnnxMaskRCNN(export_onnx(ours, tmp / "ours.onnx"), threads)
@@ -100,7 +101,8 @@ def bench_onnx(args, device) -> list[dict]:
 
 def main(argv=None):
     p = harness.parser(__doc__)
-    p.add_argument("--cases", type=int, default=1, help="run the first N of the 4 cases (default 1)")
+    p.add_argument("--cases", type=int, default=1, help="run N of the 4 cases (default 1)")
+    p.add_argument("--skip", type=int, default=0, help="skip the first N cases")
     args = p.parse_args(argv)
     bench_onnx(args, harness.setup(args))
 
