@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_torchvision import NUM_CLASSES, build_ours, build_torchvision, smooth_image  # noqa: E402
+from harness import NUM_CLASSES, build_ours, build_torchvision, smooth_image  # noqa: E402
 
 CASES = {"small": (2, 512, 512, 3), "large": (8, 800, 1066, 8)}
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

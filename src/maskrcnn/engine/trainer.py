@@ -255,6 +255,8 @@ class Trainer:
             # and a resumed run would then see a different torch random stream.
             loader = DataLoader(SeededItems(self.dataset, self.seed, epoch), batch_sampler=keyed,
                                 collate_fn=collate, num_workers=self.num_workers,
+                                # pinned pages let run_step's non_blocking copies overlap the GPU
+                                pin_memory=self.info.device.type == "cuda",
                                 generator=torch.Generator().manual_seed(self.seed + epoch))
             yield from loader
             epoch, offset = epoch + 1, 0
