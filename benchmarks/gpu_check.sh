@@ -17,18 +17,18 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 echo "## CUDA tests"
-timeout 240 python3 -m pytest tests/test_cuda.py tests/test_amp.py -q -p no:cacheprovider 2>&1 | tail -15
+timeout 150 python3 -m pytest tests/test_cuda.py tests/test_amp.py -q -p no:cacheprovider 2>&1 | tail -15
 echo "## GPU training benchmark"
 if [ "$mode" = quick ]; then
   timeout 300 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark on \
     --variants ours,ours-nchw,ours-nhwc --reps 3 --warmup 2 --profile
   exit 0
 fi
-timeout 240 python3 benchmarks/bench_gpu_train.py --cases small,large --amp fp32,bf16 --cudnn-benchmark on,off --reps 5
+timeout 150 python3 benchmarks/bench_gpu_train.py --cases small,large --amp fp32,bf16 --cudnn-benchmark on,off --reps 4
 echo "## GPU inference benchmark"
-timeout 150 python3 benchmarks/bench_inference.py --device cuda --reps 5 --stage-reps 1 --no-flops
+timeout 100 python3 benchmarks/bench_inference.py --device cuda --reps 5 --stage-reps 1 --no-flops
 echo "## GPU utilisation during maskrcnn train (800x1066 COCO, batch 4, 4 workers)"
-timeout 150 python3 benchmarks/gpu_train_utilisation.py --images 32 --steps 40 --batch 4 --workers 4 --skip 25 \
+timeout 90 python3 benchmarks/gpu_train_utilisation.py --images 32 --steps 40 --batch 4 --workers 4 --skip 25 \
   --extra --set backbone=resnet50
 echo "## ONNX Runtime providers"
 python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" 2>&1 | tail -1
