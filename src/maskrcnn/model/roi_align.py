@@ -66,11 +66,16 @@ def crop_and_resize(features: torch.Tensor, boxes: torch.Tensor, box_indices: to
     x_lerp = (in_x - in_x.floor())[:, None, :, None]
     top, bottom, left, right = (t.long() for t in (top, bottom, left, right))
 
-    feats = features.permute(0, 2, 3, 1)  # [N, H, W, C]
+    # Gathered as rows of [N*H*W, C] with index_select, not as feats[b, rows, cols]: that
+    # indexing's backward (index_put_ with accumulate) adds the many gradients of a shared pixel
+    # with atomic adds across threads on a CPU, in an order that varies from run to run, while
+    # index_select's backward (index_add_) adds them in index order there; faster both ways too.
+    pixels = features.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when channels-last
     b = box_indices[:, None, None]
 
     def gather(rows, cols):  # -> [R, ch, cw, C]
-        return feats[b, rows[:, :, None], cols[:, None, :]]
+        index = (b * h + rows[:, :, None]) * w + cols[:, None, :]
+        return pixels.index_select(0, index.reshape(-1)).view(r, ch, cw, c)
 
     top_left, top_right = gather(top, left), gather(top, right)
     bottom_left, bottom_right = gather(bottom, left), gather(bottom, right)
