@@ -75,20 +75,20 @@ def seeded_rng(*key: int):
 
 
 class SeededItems(torch.utils.data.Dataset):
-    """``dataset`` read with keys ``(position, index)``: item ``index`` is loaded (and augmented)
-    under :func:`seeded_rng` ``(seed, epoch, position)``.  A DataLoader worker's own random
-    stream depends on which batches it served before; this makes an item's augmentation the
-    same in an uninterrupted run, a resumed one and with any number of workers."""
+    """``dataset`` read with keys ``(epoch, position, index)``: item ``index`` is loaded (and
+    augmented) under :func:`seeded_rng` ``(seed, epoch, position)``.  A DataLoader worker's own
+    random stream depends on which batches it served before; this makes an item's augmentation
+    the same in an uninterrupted run, a resumed one and with any number of workers."""
 
-    def __init__(self, dataset, seed: int, epoch: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
-        position, index = key
-        with seeded_rng(self.seed, self.epoch, position):
+    def __getitem__(self, key: tuple[int, int, int]):
+        epoch, position, index = key
+        with seeded_rng(self.seed, epoch, position):
             return self.dataset[index]
 
 
@@ -241,7 +241,20 @@ class Trainer:
     # ---- data ----------------------------------------------------------------------------
     def batches(self, start_step: int):
         """Endless (images, targets) batches from optimizer step ``start_step`` on, the same
-        batches (and augmentations) an uninterrupted run would see at those steps."""
+        batches (and augmentations) an uninterrupted run would see at those steps.  One
+        DataLoader serves every epoch, so its workers start once, not at each epoch."""
+        loader = DataLoader(SeededItems(self.dataset, self.seed), batch_sampler=self.keyed_batches(start_step),
+                            collate_fn=collate, num_workers=self.num_workers,
+                            # pinned pages let run_step's non_blocking copies overlap the GPU
+                            pin_memory=self.info.device.type == "cuda",
+                            # an own generator: DataLoader otherwise draws its workers' base seed
+                            # from the global RNG, and a resumed run would see another stream
+                            generator=torch.Generator().manual_seed(self.seed))
+        yield from loader
+
+    def keyed_batches(self, start_step: int):
+        """Endless batches of :class:`SeededItems` keys ``(epoch, position, index)`` from optimizer
+        step ``start_step`` on: each epoch a seeded shuffle, cut into this process's batches."""
         per_epoch = len(self.dataset) // (self.batch_size * self.info.world_size)
         epoch, offset = divmod(start_step, per_epoch)
         while True:
@@ -249,16 +262,8 @@ class Trainer:
                                    self.info.rank, self.info.world_size)
             # position in the epoch across all processes: each rank's items draw their own streams
             first = [(b * self.info.world_size + self.info.rank) * self.batch_size for b in range(len(chosen))]
-            keyed = [[(first[b] + j, index) for j, index in enumerate(batch)]
-                     for b, batch in enumerate(chosen)][offset:]
-            # An own generator: DataLoader otherwise draws its base seed from the global RNG,
-            # and a resumed run would then see a different torch random stream.
-            loader = DataLoader(SeededItems(self.dataset, self.seed, epoch), batch_sampler=keyed,
-                                collate_fn=collate, num_workers=self.num_workers,
-                                # pinned pages let run_step's non_blocking copies overlap the GPU
-                                pin_memory=self.info.device.type == "cuda",
-                                generator=torch.Generator().manual_seed(self.seed + epoch))
-            yield from loader
+            for b in range(offset, len(chosen)):
+                yield [(epoch, first[b] + j, index) for j, index in enumerate(chosen[b])]
             epoch, offset = epoch + 1, 0
 
     # ---- state ---------------------------------------------------------------------------

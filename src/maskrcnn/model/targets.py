@@ -287,7 +287,7 @@ def minimize_masks(masks: torch.Tensor, boxes: torch.Tensor, shape=(56, 56)) -> 
     resampling (pixel centres, as ``F.interpolate(align_corners=False)``) thresholded at 0.5.
     An instance is resized on its own, so memory stays at one box at a time.
     """
-    out = torch.zeros(len(masks), *shape, dtype=torch.bool)
+    out = torch.zeros(len(masks), *shape, dtype=torch.bool, device=masks.device)
     coords = boxes.round().long().tolist()
     for i, (x1, y1, x2, y2) in enumerate(coords):
         crop = masks[i, max(y1, 0):max(y2, y1 + 1), max(x1, 0):max(x2, x1 + 1)]

@@ -95,7 +95,7 @@ def select_instances(target: dict, masks, labels, crowd, max_instances, mini_mas
     if mini:
         out["mini_masks"] = masks
     elif mini_mask_shape is not None:
-        out["mini_masks"] = minimize_masks(masks.bool().cpu(), boxes.cpu(), mini_mask_shape).to(masks.device)
+        out["mini_masks"] = minimize_masks(masks.bool(), boxes, mini_mask_shape)  # on their device
     else:
         out["masks"] = masks
     return out
