@@ -49,7 +49,7 @@ def instrument_ours(ours, timer: StageTimer) -> None:
     timer.hook(ours.box_head, "box head")
     timer.wrap(model_module, "detect_boxes", "detection")
     timer.hook(ours.mask_head, "mask head")
-    timer.wrap(ours, "unmold", "mask paste")
+    timer.wrap(model_module, "unmold", "mask paste")
 
 
 CASES = [("480x640 -> 800x1066", (480, 640), 800, 1333, 10),
