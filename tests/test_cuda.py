@@ -33,8 +33,10 @@ def test_detect_on_cuda_equals_cpu_and_torchvision():
 def test_matterport_parity_on_cuda(parity_dir):
     """The Matterport fixture on CUDA: cuDNN's kernels move the features by ~1e-4 (as the
     fixture's README measured for oneDNN on/off), which can reorder near-tied scores, so the
-    final detections are compared as sets with that README's tolerance.  Measured on an H100:
-    image 1 identical, image 2 39 of 40, image 3 99 of 100 (one swap at the 100 cap)."""
+    final detections are compared as sets with that README's tolerance: at most one swap per
+    image.  Measured with channels-last features on an H100: image 1 identical, image 2 39 of 40,
+    image 3 99 of 100; with the NCHW float32 layout on an H200: image 1 one box differing,
+    images 2 and 3 identical."""
     import json
 
     import numpy as np
@@ -50,12 +52,14 @@ def test_matterport_parity_on_cuda(parity_dir):
         p = model.features(batch)
     for t, name in zip(p, ["fpn_p2", "fpn_p3", "fpn_p4", "fpn_p5", "fpn_p6"]):
         np.testing.assert_allclose(t.permute(0, 2, 3, 1).cpu().numpy(), f[name], atol=1e-3, rtol=0)
-    for k, allowed in ((1, 0), (2, 1), (3, 2)):
+    differing = {}
+    for k in (1, 2, 3):
         e = np.load(parity_dir / f"expected_image{k}.npz")
         d = model.detect([e["image"]])[0]
         ours = set(map(tuple, d.boxes[:, [1, 0, 3, 2]].int().tolist()))
         theirs = set(map(tuple, e["rois"].tolist()))
-        assert len(ours ^ theirs) <= allowed, (k, len(ours ^ theirs))
+        differing[k] = len(ours ^ theirs)
+    assert all(differing[k] <= allowed for k, allowed in ((1, 1), (2, 1), (3, 2))), differing
 
 
 def training_models():
