@@ -1,7 +1,5 @@
 """The speed paths give the reference path's answers: BN folded into convs, channels-last
-features, threaded ROI align and the NCHW cache."""
-import gc
-
+features and the CPU's embedding_bag ROI pooling."""
 import pytest
 import torch
 from torch import nn
@@ -95,31 +93,46 @@ def test_fold_cache_follows_weight_updates():
     torch.testing.assert_close(w, fold(conv, norm)[0])
 
 
-@pytest.mark.parametrize("rois_count", [1, 7, 300])
-def test_threaded_roi_align_is_identical(rois_count):
-    g = torch.Generator().manual_seed(rois_count)
+def random_rois(count: int, g: torch.Generator, extent: float = 200.0) -> torch.Tensor:
+    """[count, (image 0/1, x1, y1, x2, y2)]: boxes inside, across and beyond the map's edges,
+    down to sub-pixel sizes and degenerate ones."""
+    xy = torch.rand(count, 2, generator=g) * (extent * 1.3) - extent * 0.15
+    size = torch.rand(count, 2, generator=g) ** 3 * extent * 0.5
+    size[::7] = 0.0  # zero width and height
+    return torch.cat([torch.randint(0, 2, (count, 1), generator=g).float(), xy, xy + size], dim=1)
+
+
+@pytest.mark.parametrize("sampling_ratio,output_size", [(2, 7), (1, 14), (3, 5)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_cpu_roi_align_equals_torchvision(sampling_ratio, output_size, channels_last):
+    """embedding_bag pooling = torchvision's kernel, to float rounding, on boxes that reach past
+    every edge (samples below -1 or above H count as zero there, clamp to the edge between)."""
+    g = torch.Generator().manual_seed(sampling_ratio * 100 + output_size)
     feature = torch.randn(2, 16, 40, 52, generator=g)
-    xy = torch.rand(rois_count, 2, generator=g) * 180
-    rois = torch.cat([torch.randint(0, 2, (rois_count, 1), generator=g).float(), xy,
-                      xy + torch.rand(rois_count, 2, generator=g) * 60], dim=1)
-    ref = roi_align(feature, rois, 7, 0.25, 2, aligned=False)
+    rois = random_rois(300, g)
+    ref = roi_align(feature, rois, output_size, 0.25, sampling_ratio, aligned=False)
+    if channels_last:
+        feature = feature.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        fast = RA.parallel_roi_align(feature.contiguous(memory_format=torch.channels_last), rois, 7, 0.25, 2)
-        fast_nchw = RA.parallel_roi_align(RA.nchw(feature.contiguous(memory_format=torch.channels_last)),
-                                          rois, 7, 0.25, 2)
-    assert torch.equal(fast_nchw, ref)
-    torch.testing.assert_close(fast, ref)
+        fast = RA.roi_align_cpu(feature, rois, output_size, 0.25, sampling_ratio)
+    assert fast.shape == ref.shape
+    torch.testing.assert_close(fast, ref, atol=2e-6, rtol=0)
 
 
-def test_nchw_copy_is_cached_while_the_source_lives():
-    with torch.inference_mode():
-        x = torch.randn(1, 8, 6, 7).contiguous(memory_format=torch.channels_last)
-        y = RA.nchw(x)
-        assert y.is_contiguous() and torch.equal(x, y) and RA.nchw(x) is y
-        key = id(x)
-        del x
-        gc.collect()
-        assert key not in RA._NCHW
+def test_cpu_crop_and_resize_equals_gather_path():
+    """Without autograd crop_and_resize pools with embedding_bag; with it, by gathering corners:
+    the same values to rounding, boxes beyond [0, 1] and one-sample crops included."""
+    g = torch.Generator().manual_seed(5)
+    feature = torch.randn(2, 8, 33, 47, generator=g).contiguous(memory_format=torch.channels_last)
+    rois = random_rois(200, g, extent=1.0)
+    index, boxes = rois[:, 0].long(), rois[:, 1:]
+    for size in [(14, 14), (7, 5), (1, 1)]:
+        with torch.enable_grad():
+            ref = RA.crop_and_resize(feature.requires_grad_(), boxes, index, size).detach()
+        feature.requires_grad_(False)
+        with torch.no_grad():
+            fast = RA.crop_and_resize(feature, boxes, index, size)
+        torch.testing.assert_close(fast, ref, atol=2e-6, rtol=0)
 
 
 def test_fast_path_detections_equal_reference_path():

@@ -12,19 +12,17 @@ Two poolings (``Config.roi_pooling``):
   ``sampling_ratio`` samples per bin side), boxes in pixels; level =
   ``clip(floor(4 + log2(sqrt(area) / 224) + 1e-6), 2, 5)``.
 
-Speed, without autograd on a CPU: torchvision's ``roi_align`` kernel runs on one thread and
-reads NCHW, while the backbone hands over channels-last maps.  So each level is made NCHW once
-per forward (cached for the mask head's second pass over the same maps) and the boxes are split
-into one chunk per thread, pooled in a thread pool (the kernel releases the GIL); the result is
-bit-identical to one call.
+Speed, without autograd on a CPU: both poolings gather each bin's bilinear corners from the
+channels-last maps the backbone hands over, as one ``embedding_bag`` (``_pool_samples``),
+instead of torchvision's one-threaded NCHW kernel (~10x faster for 1000 boxes on P2, equal to
+rounding).  With autograd, on a GPU and while exporting they use the ops above.
 """
 from __future__ import annotations
 
 import math
-import weakref
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torchvision.ops import roi_align
 
@@ -34,7 +32,8 @@ CANONICAL_LEVEL = 4
 
 def crop_and_resize(features: torch.Tensor, boxes: torch.Tensor, box_indices: torch.Tensor,
                     crop_size: tuple[int, int]) -> torch.Tensor:
-    """TF ``crop_and_resize`` (bilinear, extrapolation value 0).
+    """TF ``crop_and_resize`` (bilinear, extrapolation value 0); ``_pool_samples`` on a CPU
+    without autograd.
 
     features:    [N, C, H, W].
     boxes:       [R, (x1, y1, x2, y2)] normalized: 0 is the first pixel centre, 1 the last.
@@ -58,6 +57,9 @@ def crop_and_resize(features: torch.Tensor, boxes: torch.Tensor, box_indices: to
     in_x = sample_positions(x1, x2, w, cw)  # [R, cw]
     valid_y = (in_y >= 0) & (in_y <= h - 1)
     valid_x = (in_x >= 0) & (in_x <= w - 1)
+    if fast_pooling(features):
+        return _pool_samples(features, box_indices, _axis_samples(in_y, h, valid_y), _axis_samples(in_x, w, valid_x),
+                             ch, cw, 1, 1, 1.0)
     top = in_y.floor().clamp(0, h - 1)
     bottom = in_y.ceil().clamp(0, h - 1)
     left = in_x.floor().clamp(0, w - 1)
@@ -109,60 +111,88 @@ def torchvision_levels(boxes: torch.Tensor, min_level: int = 2, max_level: int =
     return level.clamp(min_level, max_level).long()
 
 
-#: NCHW copies of channels-last feature maps: id(source) -> (weakref, version, copy).  An entry
-#: goes when its source tensor is freed.
-_NCHW: dict[int, tuple] = {}
-_POOL: dict[int, ThreadPoolExecutor] = {}
+def _axis_samples(positions: torch.Tensor, size: int, inside: torch.Tensor):
+    """Bilinear corners along one axis, torchvision's ``bilinear_interpolate`` rules.
 
-
-def channels_last_to_nchw(feature: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """A channels-last [N, C, H, W] map copied to NCHW, as 2-D transposes ([H*W, C] -> [C, H*W])
-    of ``block`` pixels at a time: each block's source and destination stay in cache, which
-    runs ~2.5x faster than ``contiguous()`` on a P2 map (26 vs 66 ms at 200x272x256, 2 threads)."""
-    n, c, h, w = feature.shape
-    src = feature.permute(0, 2, 3, 1).reshape(n, h * w, c)
-    out = feature.new_empty(n, c, h * w)
-    for i in range(n):
-        for start in range(0, h * w, block):
-            out[i, :, start:start + block].copy_(src[i, start:start + block].t())
-    return out.view(n, c, h, w)
-
-
-def nchw(feature: torch.Tensor) -> torch.Tensor:
-    """``feature.contiguous()``, remembered for as long as ``feature`` lives unchanged when
-    autograd is off (box and mask pooling read the same maps)."""
-    if feature.is_contiguous() or torch.is_grad_enabled() or torch.compiler.is_exporting():
-        return feature.contiguous()
-    key = id(feature)
-    version = None if feature.is_inference() else feature._version  # inference tensors have none
-    entry = _NCHW.get(key)
-    if entry is not None and entry[0]() is feature and entry[1] == version:
-        return entry[2]
-    blocked = feature.device.type == "cpu" and feature.is_contiguous(memory_format=torch.channels_last)
-    copy = channels_last_to_nchw(feature) if blocked else feature.contiguous()  # one kernel on a GPU
-    _NCHW[key] = (weakref.ref(feature, lambda _, key=key: _NCHW.pop(key, None)), version, copy)
-    return copy
-
-
-def parallel_roi_align(feature: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float,
-                       sampling_ratio: int) -> torch.Tensor:
-    """``torchvision.ops.roi_align`` (``aligned=False``) with the boxes split over
-    ``torch.get_num_threads()`` threads on a CPU without autograd; identical output.
-
-    feature: [N, C, H, W]; rois: [R, (image index, x1, y1, x2, y2)].  Returns [R, C, out, out].
+    positions: [R, S] sample coordinates in feature pixels (0 = the first pixel centre).
+    inside:    [R, S] bool, whether each sample counts (outside ones weigh 0).
+    Returns (low, high) int64 indices and (low, high) weights, each [R, S]: a position at or
+    below 0 reads pixel 0, one at or beyond ``size - 1`` reads pixel ``size - 1``.
     """
-    threads = torch.get_num_threads()
-    if feature.device.type != "cpu" or torch.is_grad_enabled() or threads < 2 or torch.compiler.is_exporting() \
-            or rois.shape[0] < 2 * threads:
-        return roi_align(feature, rois, output_size, spatial_scale, sampling_ratio, aligned=False)
-    pool = _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads, "roi_align"))
-    inference = torch.is_inference_mode_enabled()
+    p = positions.clamp(min=0)
+    low = p.floor().clamp(max=size - 1)
+    last = low >= size - 1
+    p = torch.where(last, low, p)
+    frac = p - low
+    high = torch.where(last, low, low + 1)
+    zero = frac.new_zeros(())
+    return low.long(), high.long(), torch.where(inside, 1 - frac, zero), torch.where(inside, frac, zero)
 
-    def run(chunk):
-        with torch.inference_mode(inference), torch.no_grad():
-            return roi_align(feature, chunk, output_size, spatial_scale, sampling_ratio, aligned=False)
 
-    return torch.cat(list(pool.map(run, rois.chunk(threads))))
+def _pool_samples(feature: torch.Tensor, box_indices: torch.Tensor, ys, xs, out_h: int, out_w: int,
+                  sy: int, sx: int, scale: float) -> torch.Tensor:
+    """Average of bilinear samples per output bin, as one ``embedding_bag`` over the map's pixels.
+
+    feature: [N, C, H, W] (read as a [N*H*W, C] table: a view of a channels-last map).
+    ys, xs:  ``_axis_samples`` results for [R, out_h * sy] rows and [R, out_w * sx] columns, the
+             samples of bin i being i*s .. i*s + s - 1.
+    scale:   each sample's weight (1 / samples per bin).
+    Returns [R, C, out_h, out_w] (channels-last strides).
+
+    Each bin is a weighted sum of its sy*sx*4 corner pixels: ``embedding_bag`` gathers the
+    C-long rows and sums them in one pass on every thread, ~10x faster than torchvision's
+    one-threaded NCHW ``roi_align`` kernel on a CPU.
+    """
+    n, c, h, w = feature.shape
+    r = box_indices.shape[0]
+    y_low, y_high, wy_low, wy_high = ys
+    x_low, x_high, wx_low, wx_high = xs
+    rows = torch.stack([y_low, y_low, y_high, y_high], -1) + (box_indices * h)[:, None, None]  # [R, Sy, 4]
+    cols = torch.stack([x_low, x_high, x_low, x_high], -1)  # [R, Sx, 4]
+    wy = torch.stack([wy_low, wy_low, wy_high, wy_high], -1) * scale
+    wx = torch.stack([wx_low, wx_high, wx_low, wx_high], -1)
+    index = rows[:, :, None] * w + cols[:, None]  # [R, Sy, Sx, 4]
+    weight = wy[:, :, None] * wx[:, None]
+
+    def bins(t):  # [R, out_h*sy, out_w*sx, 4] -> [R*out_h*out_w, sy*sx*4]
+        return t.view(r, out_h, sy, out_w, sx, 4).permute(0, 1, 3, 2, 4, 5).reshape(-1, sy * sx * 4)
+
+    table = feature.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when channels-last
+    pooled = F.embedding_bag(bins(index), table, mode="sum", per_sample_weights=bins(weight))
+    return pooled.view(r, out_h, out_w, c).permute(0, 3, 1, 2)
+
+
+def fast_pooling(feature: torch.Tensor) -> bool:
+    """Whether to pool with ``embedding_bag`` (a CPU without autograd, outside export)."""
+    return feature.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_exporting()
+
+
+def roi_align_cpu(feature: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float,
+                  sampling_ratio: int) -> torch.Tensor:
+    """``torchvision.ops.roi_align(..., aligned=False)`` for ``sampling_ratio > 0``, computed as
+    one ``embedding_bag`` over a channels-last map (equal to rounding, ~1e-6 on unit features).
+
+    feature: [N, C, H, W]; rois: [R, (image index, x1, y1, x2, y2)] in input pixels.
+    Returns [R, C, out, out] (channels-last strides).
+
+    Sample (i, j) of bin p along y lies at ``y1 + p * bin + (i + 0.5) * bin / sampling_ratio``
+    with ``y1`` and ``bin = max(y2 - y1, 1) / out`` in feature pixels, the operation order of
+    torchvision's kernel; a sample below -1 or above H counts as 0.
+    """
+    s = sampling_ratio
+    dtype = rois.dtype
+    box_indices = rois[:, 0].long()
+    x1, y1, x2, y2 = (rois[:, 1:] * spatial_scale).unbind(1)
+    bin_w = ((x2 - x1).clamp(min=1.0) / output_size)[:, None]
+    bin_h = ((y2 - y1).clamp(min=1.0) / output_size)[:, None]
+    grid = torch.arange(output_size * s, device=rois.device)
+    bin_of = (grid // s).to(dtype)[None]
+    offset = ((grid % s).to(dtype) + 0.5)[None]
+    ys = y1[:, None] + bin_of * bin_h + offset * bin_h / s  # [R, out*s]
+    xs = x1[:, None] + bin_of * bin_w + offset * bin_w / s
+    h, w = feature.shape[-2:]
+    return _pool_samples(feature, box_indices, _axis_samples(ys, h, (ys >= -1.0) & (ys <= h)),
+                         _axis_samples(xs, w, (xs >= -1.0) & (xs <= w)), output_size, output_size, s, s, 1.0 / (s * s))
 
 
 def pyramid_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor], output_size: int,
@@ -194,6 +224,9 @@ def pyramid_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor], o
             pooled = crop_and_resize(feature, all_boxes[idx], index[idx], (output_size, output_size))
         else:
             rois = torch.cat([index[idx, None].to(all_boxes.dtype), all_boxes[idx]], dim=1)
-            pooled = parallel_roi_align(nchw(feature), rois, output_size, 1.0 / strides[i], sampling_ratio)
+            if fast_pooling(feature) and sampling_ratio > 0:
+                pooled = roi_align_cpu(feature, rois, output_size, 1.0 / strides[i], sampling_ratio)
+            else:
+                pooled = roi_align(feature, rois, output_size, 1.0 / strides[i], sampling_ratio, aligned=False)
         out[idx] = pooled.to(out.dtype)
     return out
