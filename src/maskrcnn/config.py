@@ -141,8 +141,11 @@ class Config:
     rpn_objectness: str = "softmax"
     #: Scale of the RPN's box deltas (dy, dx, log dh, log dw): targets are divided by it.
     rpn_bbox_std_dev: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
-    #: Highest-scoring anchors kept before NMS.
+    #: Highest-scoring anchors kept before NMS (per level with proposal_selection "per_level").
     pre_nms_limit: int = 6000
+    #: The same in training; None = pre_nms_limit (Matterport has one limit, torchvision keeps
+    #: 2000 in training and 1000 at inference).
+    pre_nms_limit_training: int | None = None
     #: IoU above which proposal NMS drops the lower-scored box.
     rpn_nms_threshold: float = 0.7
     #: Proposals kept after NMS, per image, in training.
@@ -483,7 +486,7 @@ _RANGES = {
                      "rpn_bbox_std_dev", "pre_nms_limit", "post_nms_rois_training", "post_nms_rois_inference",
                      "bbox_decode_clip", "pool_size", "mask_pool_size", "fpn_classif_fc_layers_size",
                      "head_bn_eps", "mask_head_channels", "mask_shape", "bbox_std_dev", "std_pixel",
-                     "detection_max_instances", "max_gt_instances", "mini_mask_shape",
+                     "detection_max_instances", "max_gt_instances", "mini_mask_shape", "pre_nms_limit_training",
                      "rpn_train_anchors_per_image", "train_rois_per_image", "learning_rate",
                      "gradient_clip_norm", "steps_per_epoch", "lr_gamma"), _POSITIVE),
     **dict.fromkeys(("image_min_dim", "image_min_scale", "rpn_min_size", "roi_sampling_ratio",
@@ -602,6 +605,7 @@ PRESETS: dict[str, dict] = {
         anchor_style="torchvision",
         proposal_selection="per_level",
         pre_nms_limit=1000,
+        pre_nms_limit_training=2000,
         post_nms_rois_inference=1000,
         post_nms_rois_training=2000,
         rpn_min_size=1e-3,
