@@ -1,6 +1,6 @@
 """What the second-stage heads train on: in the torchvision preset the same proposals, sampled
 ROIs and positives (the mask head's batch) as torchvision's RoIHeads on the same weights and
-batch."""
+batch; and the mask head's batch padded to a bucket with losses and gradients unchanged."""
 import sys
 from pathlib import Path
 
@@ -9,7 +9,7 @@ import torch
 from torchvision.models.detection import roi_heads
 
 import maskrcnn
-from maskrcnn import Config
+from maskrcnn import Config, ConfigError
 from maskrcnn.model import training
 from maskrcnn.model.preprocess import mold_images
 from reference import NUM_CLASSES, build_torchvision
@@ -108,3 +108,93 @@ def test_training_proposals_are_the_proposal_layers_at_one_limit():
         for a, b in zip(got, stage.proposals):
             assert len(a) > 10 and torch.equal(a, training.to_pixels(model, b, shape))
 
+
+def _head_inputs(model, images, targets):
+    """The heads' inputs of one batch: features (leaves that take gradients), each image's
+    proposals and ground truth in molded pixels, the molded shape."""
+    cfg = model.config
+    molded, metas = mold_images(images, cfg, model.device)
+    shape = tuple(molded.shape[-2:])
+    gts = [training.mold_target(t, m, shape, model.device, cfg.max_gt_instances,
+                                cfg.mini_mask_shape if cfg.use_mini_mask else None) for t, m in zip(targets, metas)]
+    with torch.no_grad():
+        stage = model.first_stage(molded, metas, None)
+        proposals = training.training_proposals(model, stage, metas, shape)
+    return [f.detach().requires_grad_() for f in stage.features], proposals, gts, shape
+
+
+def _head_losses_and_grads(model, inputs, bucket: int, monkeypatch):
+    """(losses, gradients of the heads' parameters and the features, the mask head's batch)
+    of :func:`training.head_losses` with ``mask_batch_bucket=bucket``, sampling seeded."""
+    features, proposals, gts, shape = inputs
+    monkeypatch.setattr(model.config, "mask_batch_bucket", bucket)
+    pooled = []
+    mask_logits = type(model).mask_logits
+    monkeypatch.setattr(type(model), "mask_logits",
+                        lambda self, f, boxes, s: pooled.append(sum(map(len, boxes))) or mask_logits(self, f, boxes, s))
+    model.zero_grad()
+    for f in features:
+        f.grad = None
+    torch.manual_seed(0)
+    losses = training.head_losses(model, features, proposals, gts, shape)
+    sum(losses.values()).backward()
+    params = [*model.box_head.parameters(), *model.mask_head.parameters()]
+    leaves = [p for p in params if p.requires_grad] + features  # a level no ROI was pooled from has none
+    grads = [torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in leaves]
+    return {k: v.detach() for k, v in losses.items()}, grads, pooled[0]
+
+
+def _assert_padding_changes_nothing(model, inputs, monkeypatch, positives: int, padded: int):
+    losses, grads, pooled = _head_losses_and_grads(model, inputs, 1, monkeypatch)
+    padded_losses, padded_grads, padded_pooled = _head_losses_and_grads(model, inputs, 32, monkeypatch)
+    assert (pooled, padded_pooled) == (positives, padded)
+    assert losses == padded_losses  # the same floats
+    assert len(grads) == len(padded_grads)
+    for g, pg in zip(grads, padded_grads):
+        # equal but for the order of a weight gradient's sum over the batch (the padding adds zeros)
+        torch.testing.assert_close(pg, g, rtol=1e-5, atol=1e-7)
+
+
+def test_mask_batch_padding_keeps_losses_and_gradients_torchvision_preset(models, monkeypatch):
+    """The 42 positive ROIs of a 2-image batch padded to 64 with bucket 32: the five losses are
+    the same floats, every gradient of the heads and of the features equal (to rounding)."""
+    _, ours = models
+    images, targets = batch(2, H, W, 8, seed=0)
+    _assert_padding_changes_nothing(ours, _head_inputs(ours, images, targets), monkeypatch, 42, 64)
+
+
+def test_mask_batch_padding_keeps_losses_and_gradients_matterport_preset(monkeypatch):
+    """The same in the Matterport layout: mask head with frozen BatchNorm, normalized boxes,
+    crop_and_resize pooling, mini masks."""
+    from test_model import small_config
+
+    torch.manual_seed(0)
+    model = maskrcnn.MaskRCNN(small_config()).train()
+    images, targets = batch(2, 96, 128, 6, seed=2)
+    targets = [{**t, "labels": t["labels"] % 3 + 1} for t in targets]
+    _assert_padding_changes_nothing(model, _head_inputs(model, images, targets), monkeypatch, 12, 32)
+
+
+def test_mask_batch_bucket_defaults_and_batch_statistics():
+    """None: 32 on CUDA, 1 on the CPU; a mask head whose BatchNorm learns is never padded."""
+    from maskrcnn.config import MASK_BATCH_BUCKET_CUDA
+    from test_model import small_config
+
+    frozen = maskrcnn.MaskRCNN(small_config()).train().mask_head
+    learning = maskrcnn.MaskRCNN(small_config(train_bn=True)).train().mask_head
+    assert training.mask_batch_bucket(None, torch.device("cuda"), frozen) == MASK_BATCH_BUCKET_CUDA == 32
+    assert training.mask_batch_bucket(None, torch.device("cpu"), frozen) == 1
+    assert training.mask_batch_bucket(16, torch.device("cpu"), frozen) == 16
+    assert training.mask_batch_bucket(16, torch.device("cuda"), learning) == 1
+    assert training.mask_batch_bucket(16, torch.device("cuda"), learning.eval()) == 16
+    with pytest.raises(ConfigError, match="mask_batch_bucket=0 must be an integer > 0 or null"):
+        Config(mask_batch_bucket=0)
+
+
+def test_pad_to_bucket():
+    rois = [torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8]]), torch.zeros(0, 4), torch.tensor([[9.0, 9, 10, 10]])]
+    padded = training.pad_to_bucket(rois, 4)
+    assert [len(r) for r in padded] == [2, 0, 2]
+    assert torch.equal(padded[2], torch.tensor([[9.0, 9, 10, 10], [1, 2, 3, 4]]))
+    assert training.pad_to_bucket(rois, 3) is rois and training.pad_to_bucket(rois, 1) is rois
+    assert training.pad_to_bucket([torch.zeros(0, 4)], 32)[0].shape == (0, 4)

@@ -6,6 +6,8 @@ return the five losses.
                     -> mask head on the positive ROIs -> mask loss
 
 The proposals use the training limits (``pre_nms_limit_training``, ``post_nms_rois_training``).
+On CUDA the mask head's batch is padded to a multiple of ``mask_batch_bucket`` so that
+cudnn.benchmark autotunes a few shapes, not one per step; the padding has no loss or gradient.
 
 Targets are built in molded-image pixels (``targets.py``), whatever the model's box frame.
 """
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import boxes as box_ops
+from ..config import MASK_BATCH_BUCKET_CUDA
 from ..errors import DataError
 from . import losses as L
 from .preprocess import ImageMeta, mold_images
@@ -214,7 +217,8 @@ def rpn_losses(model, stage, gts: list[dict], image_shape) -> dict[str, torch.Te
 def head_losses(model, features, proposals: list[torch.Tensor], gts: list[dict], image_shape) -> dict[str, torch.Tensor]:
     """``mrcnn_class_loss``, ``mrcnn_bbox_loss`` and ``mrcnn_mask_loss`` (unweighted) of a batch:
     ROIs sampled from each image's ``proposals`` ([P_i, 4] molded pixels) with their targets,
-    the box head on all of them, the mask head on the positive ones."""
+    the box head on all of them, the mask head on the positive ones (their batch padded with
+    :func:`pad_to_bucket`, the padding's logits dropped before the loss)."""
     cfg = model.config
     rois, labels, deltas, masks = [], [], [], []
     for p, g in zip(proposals, gts):
@@ -236,8 +240,33 @@ def head_losses(model, features, proposals: list[torch.Tensor], gts: list[dict],
     pos_labels = labels_all[labels_all > 0]
     pos_masks = torch.cat([m[p] for m, p in zip(masks, positive)])
     if pos_labels.numel():
-        mask_logits = model.mask_logits(features, pos_rois, image_shape)
+        bucket = mask_batch_bucket(cfg.mask_batch_bucket, class_logits.device, model.mask_head)
+        mask_logits = model.mask_logits(features, pad_to_bucket(pos_rois, bucket), image_shape)
+        mask_logits = mask_logits[:pos_labels.numel()]  # the padding's rows: no loss, no gradient
         losses["mrcnn_mask_loss"] = L.mrcnn_mask_loss(mask_logits, pos_masks, pos_labels)
     else:
         losses["mrcnn_mask_loss"] = (class_logits.sum() + sum(p.sum() for p in model.mask_head.parameters())) * 0.0
     return losses
+
+
+def mask_batch_bucket(setting: int | None, device: torch.device, mask_head: torch.nn.Module) -> int:
+    """The multiple the mask head's ROI batch is padded to: ``setting`` (``mask_batch_bucket``),
+    or when None ``MASK_BATCH_BUCKET_CUDA`` on CUDA and 1 (no padding) elsewhere.  Always 1 when
+    the head has BatchNorm computing batch statistics, which padded rows would shift."""
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in mask_head.modules()):
+        return 1
+    if setting is None:
+        return MASK_BATCH_BUCKET_CUDA if torch.device(device).type == "cuda" else 1
+    return setting
+
+
+def pad_to_bucket(rois: list[torch.Tensor], bucket: int) -> list[torch.Tensor]:
+    """Per-image ROIs [R_i, 4] (any frame) with copies of the batch's first ROI appended to the
+    last image's, so that sum R_i is a multiple of ``bucket``; the real ROIs keep their rows
+    (the first sum R_i of the pooled batch).  Unchanged when already a multiple or empty."""
+    total = sum(r.shape[0] for r in rois)
+    extra = -total % bucket
+    if total == 0 or extra == 0:
+        return rois
+    first = next(r[:1] for r in rois if r.shape[0])
+    return [*rois[:-1], torch.cat([rois[-1], first.expand(extra, -1)])]
