@@ -11,6 +11,10 @@ the torchvision preset converted from it.  The models run interleaved (one itera
 round) so clock and thermal drift hit both alike; times are medians.  Peak memory is
 ``torch.cuda.max_memory_allocated`` during one iteration above what was allocated before it.
 ``--profile`` prints the 15 costliest CUDA kernels of one iteration of ours and of torchvision.
+
+After each row group, a line per model gives every iteration's positive ROIs (summed over the
+batch) and the mask head's batch, warm-up included: the mask head's convolutions are autotuned
+once per batch size with cudnn.benchmark on, and ours pads its batch to ``mask_batch_bucket``.
 """
 from __future__ import annotations
 
@@ -18,9 +22,14 @@ import argparse
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torchvision.models.detection import roi_heads
+
+import maskrcnn
+from maskrcnn.model import training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import NUM_CLASSES, build_ours, build_torchvision, smooth_image  # noqa: E402
@@ -51,8 +60,66 @@ def batch(n: int, h: int, w: int, instances: int, seed: int = 0):
     return images, targets
 
 
-def step_fn(model, images, targets, amp_dtype, float_input: bool):
-    """One SGD iteration of ``model`` as a function (fp16 with a GradScaler)."""
+class RoiCounts:
+    """Per iteration of each model: its positive ROIs and its mask head's batch, recorded by
+    wrapping torchvision's ``RoIHeads.select_training_samples`` and ``maskrcnn_loss`` and our
+    ``build_detection_targets`` and ``MaskRCNN.mask_logits``.  Counts stay tensors until read,
+    so recording adds no GPU synchronisation to the timed iterations."""
+
+    def __init__(self):
+        self.model = None
+        self.rows = defaultdict(list)  # model name -> [(positive counts, mask batch sizes)] per iteration
+        select, mask_loss = roi_heads.RoIHeads.select_training_samples, roi_heads.maskrcnn_loss
+        build, mask_logits = training.build_detection_targets, maskrcnn.MaskRCNN.mask_logits
+
+        def tv_select(head, proposals, targets):
+            out = select(head, proposals, targets)
+            self._add(0, *[(labels > 0).sum() for labels in out[2]])
+            return out
+
+        def tv_mask_loss(logits, proposals, *args):
+            self._add(1, sum(len(p) for p in proposals))
+            return mask_loss(logits, proposals, *args)
+
+        def our_build(*args, **kwargs):
+            out = build(*args, **kwargs)
+            self._add(0, (out[1] > 0).sum())
+            return out
+
+        def our_mask_logits(model, features, boxes, image_shape):
+            self._add(1, sum(len(b) for b in boxes))
+            return mask_logits(model, features, boxes, image_shape)
+
+        roi_heads.RoIHeads.select_training_samples = tv_select
+        roi_heads.maskrcnn_loss = tv_mask_loss
+        training.build_detection_targets = our_build
+        maskrcnn.MaskRCNN.mask_logits = our_mask_logits
+
+    def start(self, model: str) -> None:
+        """The iteration of ``model`` that begins now."""
+        self.model = model
+        self.rows[model].append(([], []))
+
+    def _add(self, column: int, *counts) -> None:
+        if self.model is not None:
+            self.rows[self.model][-1][column].extend(counts)
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+    def report(self) -> str:
+        """One line per model: positives/mask-head batch of each iteration since :meth:`clear`."""
+        lines = []
+        for model, rows in self.rows.items():
+            cells = [f"{int(sum(pos))}/{int(sum(mask))}" for pos, mask in rows]
+            lines.append(f"ROIs per iteration, positives/mask-head batch, {model}: {' '.join(cells)}")
+        return "\n".join(lines)
+
+
+def step_fn(model, images, targets, amp_dtype, float_input: bool, counts: RoiCounts | None = None,
+            name: str = ""):
+    """One SGD iteration of ``model`` as a function (fp16 with a GradScaler); ``counts`` records
+    its ROI counts under ``name``."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-5, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -60,6 +127,8 @@ def step_fn(model, images, targets, amp_dtype, float_input: bool):
     tgts = [{k: v.cuda() for k, v in t.items()} for t in targets]
 
     def run():
+        if counts is not None:
+            counts.start(name)
         with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             losses = model(imgs, tgts)
         loss = sum(losses.values())
@@ -130,6 +199,7 @@ def main(argv=None) -> None:
     print("| case | precision | cudnn.benchmark | model | s/iter | images/s | ratio to torchvision | peak MiB |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     variants = args.variants.split(",")
+    counts = RoiCounts()
     for case in args.cases.split(","):
         n, h, w, k = CASES[case]
         images, targets = batch(n, h, w, k)
@@ -137,13 +207,15 @@ def main(argv=None) -> None:
         for amp in args.amp.split(","):
             for bench in args.cudnn_benchmark.split(","):
                 torch.backends.cudnn.benchmark = bench == "on"
-                fns = {name: step_fn(m, images, targets, AMP[amp], name == "torchvision")
+                fns = {name: step_fn(m, images, targets, AMP[amp], name == "torchvision", counts, name)
                        for name, m in models.items()}
+                counts.clear()
                 result = measure(fns, args.reps, args.warmup)
                 ref = result["torchvision"][0]
                 for name, (sec, peak) in result.items():
                     print(f"| {n}x{h}x{w}, {k} inst | {amp} | {bench} | {name} | {sec:.3f} | {n / sec:.1f} | "
                           f"{sec / ref:.2f} | {peak:.0f} |", flush=True)
+                print(counts.report(), flush=True)
                 if args.profile and bench == "on":
                     for name, fn in fns.items():
                         profile(fn, f"{case} {amp} {name}")
