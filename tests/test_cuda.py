@@ -106,3 +106,25 @@ def test_mixed_precision_training_step(dtype):
             if moved > len(params) // 2:
                 break
         assert moved > len(params) // 2, (name, moved, len(params), scaler.get_scale())
+
+
+def test_mask_head_batch_padded_to_the_cuda_bucket(monkeypatch):
+    """On CUDA the mask head's batch is padded to a multiple of 32 by default (so cudnn.benchmark
+    autotunes a few shapes); losses and gradients are the unpadded batch's, to the rounding of
+    the convolution algorithm cuDNN picks for each batch size (TF32 off)."""
+    from test_head_batches import _head_inputs, _head_losses_and_grads, batch
+    from test_model import small_config
+
+    torch.manual_seed(0)
+    model = maskrcnn.MaskRCNN(small_config()).cuda().train()
+    images, targets = batch(2, 96, 128, 6, seed=2)
+    targets = [{**t, "labels": t["labels"] % 3 + 1} for t in targets]
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):
+        inputs = _head_inputs(model, [im.cuda() for im in images], targets)
+        losses, grads, pooled = _head_losses_and_grads(model, inputs, 1, monkeypatch)
+        padded_losses, padded_grads, padded_pooled = _head_losses_and_grads(model, inputs, None, monkeypatch)
+    assert 0 < pooled < padded_pooled and padded_pooled % 32 == 0
+    for k, v in losses.items():
+        torch.testing.assert_close(padded_losses[k], v, rtol=1e-5, atol=1e-7, msg=k)
+    for g, pg in zip(grads, padded_grads):
+        torch.testing.assert_close(pg, g, rtol=1e-4, atol=1e-6)
