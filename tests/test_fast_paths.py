@@ -1,5 +1,5 @@
 """The speed paths give the reference path's answers: BN folded into convs, channels-last
-features and the CPU's embedding_bag ROI pooling."""
+features, the CPU's embedding_bag ROI pooling and its Winograd 3x3 convolutions."""
 import pytest
 import torch
 from torch import nn
@@ -8,6 +8,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import maskrcnn
 from maskrcnn import Config
+from maskrcnn.model import conv
 from maskrcnn.model import roi_align as RA
 from maskrcnn.model.fuse import conv_norm, fold, set_bn_folding
 from test_torchvision_parity import MAX_SIZE, MIN_SIZE, assert_same_detections, images, random_torchvision
@@ -136,13 +137,15 @@ def test_cpu_crop_and_resize_equals_gather_path():
 
 
 def test_fast_path_detections_equal_reference_path():
-    """Channels-last + folded BN + threaded ROI align vs NCHW, conv then BN, one thread."""
+    """Channels-last + folded BN + embedding_bag pooling + Winograd vs NCHW, conv then BN,
+    direct convolutions, one thread."""
     tv = random_torchvision(91)
     cfg = Config.preset("torchvision", num_classes=91, image_min_dim=MIN_SIZE, image_max_dim=MAX_SIZE)
     fast = maskrcnn.MaskRCNN.from_torchvision(tv.state_dict(), cfg)
     ref = maskrcnn.MaskRCNN.from_torchvision(tv.state_dict(), cfg)
     assert set_bn_folding(ref, False) > 0
     ref.backbone.channels_last = False
+    ref.config.cpu_inference_conv = "direct"
     imgs = images()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -161,3 +164,96 @@ def test_fast_path_detections_equal_reference_path():
         tv_out = tv([im.float() / 255 for im in imgs])
     for r, d in zip(tv_out, fast.detect(imgs)):
         assert_same_detections(r, d)
+
+
+def test_box_head_reads_channels_last_crops_without_a_copy():
+    """fc6 on channels-last crops (permuted cached weight) = fc6 on the NCHW flatten, and the
+    cache follows a weight update."""
+    from maskrcnn.model.heads import BoxHead
+    head = BoxHead(16, 7, 5, fc_size=32, kind="mlp")
+    crops = torch.randn(9, 16, 7, 7)
+    with torch.inference_mode():
+        expected = head(crops)
+        fast = head(crops.contiguous(memory_format=torch.channels_last))
+    for e, f in zip(expected, fast):
+        torch.testing.assert_close(f, e, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        head.fc6.weight.mul_(2)
+    with torch.inference_mode():
+        expected = head(crops)
+        fast = head(crops.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(fast[0], expected[0], atol=1e-5, rtol=1e-5)
+
+
+needs_nnpack = pytest.mark.skipif(not conv.nnpack_available(), reason="this PyTorch build has no NNPACK")
+
+
+@needs_nnpack
+@pytest.mark.parametrize("shape", [(1, 64, 60, 70), (13, 256, 14, 14), (2, 128, 37, 51)])
+def test_winograd_convolution_equals_direct(shape):
+    """NNPACK's Winograd 3x3 = the direct convolution to ~1e-5 of the output's scale, from NCHW
+    and channels-last input, with a module's weights and with given (folded) ones."""
+    g = torch.Generator().manual_seed(shape[1])
+    layer = nn.Conv2d(shape[1], 32, 3, padding=1)
+    x = torch.randn(*shape, generator=g)
+    weight, bias = layer.weight * 0.5, layer.bias + 1
+    with torch.inference_mode():
+        expected = layer(x)
+        expected_given = torch.nn.functional.conv2d(x, weight, bias, padding=1)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            with conv.winograd():
+                assert conv.applies(inp, layer)
+                out = conv.convolve(layer, inp)
+                given = conv.convolve(layer, inp, weight, bias)
+            assert out.is_contiguous()
+            # F(6x6, 3x3) rounds ~10x float32's direct noise (see maskrcnn.model.conv)
+            assert (out - expected).abs().max() <= 3e-5 * expected.abs().max()
+            assert (given - expected_given).abs().max() <= 3e-5 * expected_given.abs().max()
+            assert (out - expected).pow(2).mean().sqrt() <= 1e-5 * expected.pow(2).mean().sqrt()
+
+
+@needs_nnpack
+def test_winograd_applies_only_where_it_should():
+    layer = nn.Conv2d(16, 16, 3, padding=1)
+    big, small = torch.randn(1, 16, 60, 60), torch.randn(1, 16, 20, 20)
+    with torch.inference_mode():
+        assert not conv.applies(big, layer)  # outside the context
+        with conv.winograd():
+            assert conv.applies(big, layer)
+            assert not conv.applies(small, layer)  # fewer than MIN_PIXELS outputs
+            assert not conv.applies(big.double(), layer)
+            for other in (nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.Conv2d(16, 16, 1),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.Conv2d(16, 16, 3, padding=2, dilation=2)):
+                assert not conv.applies(big, other)
+            with conv.winograd(False):
+                assert not conv.applies(big, layer)
+    with conv.winograd():
+        assert not conv.applies(big, layer)  # autograd on: training keeps the direct convolution
+
+
+@needs_nnpack
+def test_direct_setting_never_runs_winograd(monkeypatch):
+    """``cpu_inference_conv="direct"``: no NNPACK call anywhere in detect; "winograd": the FPN,
+    RPN (and mask head on enough detections) call it."""
+    tv = random_torchvision(91)
+    cfg = Config.preset("torchvision", num_classes=91, image_min_dim=MIN_SIZE, image_max_dim=MAX_SIZE)
+    model = maskrcnn.MaskRCNN.from_torchvision(tv.state_dict(), cfg)
+    calls = []
+    original = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda x, *a: calls.append(x.shape) or original(x, *a))
+    imgs = images()[:1]
+    model.config.cpu_inference_conv = "direct"
+    model.detect(imgs)
+    assert calls == []
+    model.config.cpu_inference_conv = "winograd"
+    model.detect(imgs)
+    assert len(calls) >= 2 and all(s[1] == 256 for s in calls)
+
+
+def test_nchw_features_are_pooled_channels_last():
+    with torch.inference_mode():
+        maps = [torch.randn(1, 8, 6, 7), torch.randn(1, 8, 3, 4).contiguous(memory_format=torch.channels_last)]
+        out = RA.pooling_layout(maps)
+        assert all(o.is_contiguous(memory_format=torch.channels_last) for o in out)
+        assert out[1] is maps[1] and torch.equal(out[0], maps[0])
+    assert RA.pooling_layout(maps)[0] is maps[0]  # autograd on: unchanged

@@ -90,9 +90,9 @@ def test_torchvision_preset_samples_the_rois_torchvision_samples(models, seed, m
     assert all(p > 8 for p in theirs["positives"])  # the 8 gt boxes and some proposals
 
 
-def test_training_proposals_are_the_proposal_layers_at_one_limit():
-    """With pre_nms_limit_training unset (the Matterport preset, the demo) training uses
-    ``pre_nms_limit``: the proposals are exactly :meth:`MaskRCNN.first_stage`'s."""
+def test_pre_nms_limit_reaches_the_proposal_layer():
+    """first_stage's ``pre_nms_limit`` (training passes ``pre_nms_limit_training``) is the one the
+    ProposalLayer keeps: unset means ``pre_nms_limit``, and a smaller one changes the proposals."""
     from test_model import small_config
 
     for cfg in (small_config(), small_config(proposal_selection="per_level", rpn_objectness="sigmoid")):
@@ -101,12 +101,12 @@ def test_training_proposals_are_the_proposal_layers_at_one_limit():
         model = maskrcnn.MaskRCNN(cfg).train()
         images = [torch.randint(0, 255, (3, 64, 80), dtype=torch.uint8) for _ in range(2)]
         molded, metas = mold_images(images, cfg, model.device)
-        shape = tuple(molded.shape[-2:])
         with torch.no_grad():
-            stage = model.first_stage(molded, metas, cfg.post_nms_rois_training)
-            got = training.training_proposals(model, stage, metas, shape)
-        for a, b in zip(got, stage.proposals):
-            assert len(a) > 10 and torch.equal(a, training.to_pixels(model, b, shape))
+            default = model.first_stage(molded, metas, cfg.post_nms_rois_training).proposals
+            same = model.first_stage(molded, metas, cfg.post_nms_rois_training, cfg.pre_nms_limit).proposals
+            fewer = model.first_stage(molded, metas, cfg.post_nms_rois_training, 20).proposals
+        for a, b, c in zip(default, same, fewer):
+            assert len(a) > 10 and torch.equal(a, b) and len(c) <= 20 * 5 < len(a)  # per level: 20 a level
 
 
 def _head_inputs(model, images, targets):
@@ -118,8 +118,8 @@ def _head_inputs(model, images, targets):
     gts = [training.mold_target(t, m, shape, model.device, cfg.max_gt_instances,
                                 cfg.mini_mask_shape if cfg.use_mini_mask else None) for t, m in zip(targets, metas)]
     with torch.no_grad():
-        stage = model.first_stage(molded, metas, None)
-        proposals = training.training_proposals(model, stage, metas, shape)
+        stage = model.first_stage(molded, metas, cfg.post_nms_rois_training, cfg.pre_nms_limit_training)
+        proposals = [training.to_pixels(model, p, shape) for p in stage.proposals]
     return [f.detach().requires_grad_() for f in stage.features], proposals, gts, shape
 
 

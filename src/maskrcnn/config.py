@@ -79,6 +79,7 @@ _CHOICES = {
     "detection_mode": ("argmax", "all_classes"),
     "anchor_style": ("matterport", "torchvision"),
     "mask_paste": ("matterport", "torchvision"),
+    "cpu_inference_conv": ("winograd", "direct"),
     "lr_schedule": ("step", "cosine", "constant"),
 }
 
@@ -209,6 +210,10 @@ class Config:
     mask_paste: str = "matterport"
     #: Mask probability at which a pixel belongs to the instance.
     mask_threshold: float = 0.5
+    #: 3x3 convolutions of the FPN, RPN and mask head at inference on a CPU: "winograd" (NNPACK's
+    #: Winograd transform where it is faster, ~2x on P2/P3; outputs move by ~1e-5 relative) or
+    #: "direct" (oneDNN, float32's ordinary sums).  See maskrcnn.model.conv.
+    cpu_inference_conv: str = "winograd"
 
     # ---- Training ----------------------------------------------------------------------------
     # What a training image holds (maskrcnn.data).

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .conv import convolve
 from .fuse import conv_norm
 
 BLOCKS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
@@ -169,10 +170,10 @@ class FPN(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         inner = self.lateral[-1](features[-1])
-        outs = [self.output[-1](inner)]
+        outs = [convolve(self.output[-1], inner)]
         for i in range(len(features) - 2, -1, -1):
             lateral = self.lateral[i](features[i])
             inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
-            outs.insert(0, self.output[i](inner))
+            outs.insert(0, convolve(self.output[i], inner))
         outs.append(F.max_pool2d(outs[-1], 1, 2))
         return outs

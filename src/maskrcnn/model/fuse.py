@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .conv import convolve
+
 
 def is_foldable(norm: nn.Module) -> bool:
     """Whether ``norm`` is a fixed per-channel affine map right now."""
@@ -136,11 +138,11 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor, relu: bool = Fa
     """``relu(norm(conv(x)))`` (ReLU when ``relu``), as one convolution when ``fold`` and the
     norm is foldable.
 
-    x: [N, Cin, H, W] (any memory format; channels-last input gives channels-last output).
-    Returns [N, Cout, H', W'].
+    x: [N, Cin, H, W] (any memory format; channels-last input gives channels-last output, except
+    a Winograd convolution's NCHW, see .conv).  Returns [N, Cout, H', W'].
     """
     if isinstance(norm, nn.Identity):
-        out = conv(x)
+        out = convolve(conv, x)
     elif fold and isinstance(norm, FrozenBatchNorm2d) and torch.is_grad_enabled() and conv.weight.requires_grad \
             and isinstance(conv.padding, tuple):
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
@@ -150,7 +152,7 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor, relu: bool = Fa
     elif fold and is_foldable(norm):
         weight, bias = folded_params(conv, norm, x.is_contiguous(memory_format=torch.channels_last)
                                      and x.dim() == 4 and x.shape[1] > 1)
-        out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        out = convolve(conv, x, weight, bias)
     else:
-        out = norm(conv(x))
+        out = norm(convolve(conv, x))
     return F.relu_(out) if relu else out

@@ -18,13 +18,14 @@ from torch import nn
 from .. import boxes as box_ops
 from ..config import LAYER_REGIMES, Config
 from ..structures import Detections
+from . import conv
 from .anchors import pyramid_anchors, torchvision_strides
 from .backbone import FPN, ResNet
 from .detection import detect_boxes, unmold
 from .heads import BoxHead, MaskHead
 from .preprocess import ImageMeta, mold_images
 from .proposals import propose_global, propose_per_level
-from .roi_align import pyramid_roi_align
+from .roi_align import pooling_layout, pyramid_roi_align
 from .rpn import RPNHead
 
 
@@ -127,40 +128,56 @@ class MaskRCNN(nn.Module):
         return self.frame_window(meta, image_shape, device)
 
     # ------------------------------------------------------------------ stages
-    def features(self, batch: torch.Tensor) -> list[torch.Tensor]:
-        """[N, 3, H, W] molded images -> [P2, P3, P4, P5, P6]."""
-        return self.fpn(self.backbone(batch))
+    def winograd(self):
+        """The context in which the FPN, RPN and mask head run: Winograd 3x3 convolutions allowed
+        unless ``config.cpu_inference_conv`` is "direct" (they apply only on a CPU without
+        autograd; see .conv)."""
+        return conv.winograd(self.config.cpu_inference_conv == "winograd")
 
-    def propose(self, rpn_logits, rpn_deltas, anchors, level_sizes, windows, count: int):
-        """ProposalLayer over a batch: list of (boxes [P_i, 4] in frame, scores [P_i])."""
+    def features(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """[N, 3, H, W] molded images -> [P2, P3, P4, P5, P6] (NCHW or channels-last: the CPU's
+        Winograd convolutions leave NCHW maps)."""
+        c = self.backbone(batch)
+        with self.winograd():
+            return self.fpn(c)
+
+    def propose(self, rpn_logits, rpn_deltas, anchors, level_sizes, windows, count: int,
+                pre_nms_limit: int | None = None):
+        """ProposalLayer over a batch: list of (boxes [P_i, 4] in frame, scores [P_i]), keeping
+        ``pre_nms_limit`` anchors (default ``config.pre_nms_limit``) before NMS and ``count`` after."""
         cfg = self.config
+        limit = pre_nms_limit or cfg.pre_nms_limit
         std = box_ops.std_xy(cfg.rpn_bbox_std_dev)
         out = []
         for i in range(rpn_deltas.shape[0]):
             if cfg.proposal_selection == "global":
                 scores = self.rpn.foreground_probability(rpn_logits[i])
-                out.append(propose_global(scores, rpn_deltas[i], anchors, windows[i], cfg.pre_nms_limit, count,
+                out.append(propose_global(scores, rpn_deltas[i], anchors, windows[i], limit, count,
                                           cfg.rpn_nms_threshold, std, cfg.bbox_decode_clip, cfg.rpn_min_size))
             else:
                 logits = self.rpn.foreground_logit(rpn_logits[i])
                 out.append(propose_per_level(logits, rpn_deltas[i], anchors, windows[i], level_sizes,
-                                             cfg.pre_nms_limit, count, cfg.rpn_nms_threshold, std,
+                                             limit, count, cfg.rpn_nms_threshold, std,
                                              cfg.bbox_decode_clip, cfg.rpn_min_size))
         return out
 
-    def first_stage(self, batch: torch.Tensor, metas: list[ImageMeta], proposal_count: int | None) -> FirstStage:
+    def first_stage(self, batch: torch.Tensor, metas: list[ImageMeta], proposal_count: int | None,
+                    pre_nms_limit: int | None = None) -> FirstStage:
         """Backbone, FPN, RPN, anchors and (unless ``proposal_count`` is None) the ProposalLayer
-        on a molded batch [N, 3, H, W]: the part of the network training and inference share."""
+        on a molded batch [N, 3, H, W]: the part of the network training and inference share.
+        ``pre_nms_limit``: anchors kept before NMS (default ``config.pre_nms_limit``)."""
         image_shape = tuple(batch.shape[-2:])
         features = self.features(batch)
-        rpn_logits, rpn_deltas = self.rpn(features)
+        with self.winograd():
+            rpn_logits, rpn_deltas = self.rpn(features)
         anchors, level_sizes = self.anchors(image_shape, batch.device)
         proposals = None
         if proposal_count is not None:
             windows = [self.proposal_window(m, image_shape, batch.device) for m in metas]
             with torch.no_grad():
                 proposals = [boxes for boxes, _ in self.propose(rpn_logits.detach(), rpn_deltas.detach(), anchors,
-                                                                level_sizes, windows, proposal_count)]
+                                                                level_sizes, windows, proposal_count,
+                                                                pre_nms_limit)]
         return FirstStage(features, rpn_logits, rpn_deltas, anchors, proposals)
 
     def roi_features(self, features, rois: list[torch.Tensor], size: int, image_shape) -> torch.Tensor:
@@ -176,7 +193,9 @@ class MaskRCNN(nn.Module):
 
     def mask_logits(self, features, boxes: list[torch.Tensor], image_shape) -> torch.Tensor:
         """Mask head on boxes: [sum D_i, num_classes, 2*mask_pool, 2*mask_pool] logits."""
-        return self.mask_head(self.roi_features(features, boxes, self.config.mask_pool_size, image_shape))
+        crops = self.roi_features(features, boxes, self.config.mask_pool_size, image_shape)
+        with self.winograd():
+            return self.mask_head(crops)
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
@@ -223,7 +242,8 @@ class MaskRCNN(nn.Module):
         image_shape = tuple(batch.shape[-2:])
         stage = self.first_stage(batch, metas, cfg.post_nms_rois_inference)
         rois = stage.proposals
-        class_logits, box_deltas = self.classify(stage.features, rois, image_shape)
+        features = pooling_layout(stage.features[:4])
+        class_logits, box_deltas = self.classify(features, rois, image_shape)
         sizes = [r.shape[0] for r in rois]
         std = box_ops.std_xy(cfg.bbox_std_dev)
         out = []
@@ -234,7 +254,7 @@ class MaskRCNN(nn.Module):
                 cfg.detection_nms_threshold, cfg.detection_max_instances, cfg.detection_min_size,
                 cfg.bbox_decode_clip)
             out.append(dict(rpn_rois=r, boxes=boxes, class_ids=class_ids, scores=scores))
-        mask_logits = self.mask_logits(stage.features, [o["boxes"] for o in out], image_shape)
+        mask_logits = self.mask_logits(features, [o["boxes"] for o in out], image_shape)
         for o, logits in zip(out, mask_logits.split([o["boxes"].shape[0] for o in out])):
             picked = logits[torch.arange(logits.shape[0], device=logits.device), o["class_ids"]]
             o["mask_probs"] = torch.sigmoid(picked)

@@ -167,6 +167,15 @@ def fast_pooling(feature: torch.Tensor) -> bool:
     return feature.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_exporting()
 
 
+def pooling_layout(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The maps as ROI pooling reads them fastest: channels-last on a CPU without autograd
+    (each NCHW map, e.g. a Winograd convolution's output, copied once for the box and the mask
+    pooling both), unchanged elsewhere."""
+    if not features or not fast_pooling(features[0]):
+        return features
+    return [f.contiguous(memory_format=torch.channels_last) for f in features]
+
+
 def roi_align_cpu(feature: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float,
                   sampling_ratio: int) -> torch.Tensor:
     """``torchvision.ops.roi_align(..., aligned=False)`` for ``sampling_ratio > 0``, computed as

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import conv1x1, convolve
+
 
 class RPNHead(nn.Module):
     """Objectness and deltas for ``anchors_per_location`` anchors per feature-map cell.
@@ -39,9 +41,9 @@ class RPNHead(nn.Module):
         logits, deltas = [], []
         for x in features:
             n = x.shape[0]
-            shared = F.relu_(self.conv(x))
-            logits.append(self.objectness(shared).permute(0, 2, 3, 1).reshape(n, -1, self.num_logits))
-            deltas.append(self.deltas(shared).permute(0, 2, 3, 1).reshape(n, -1, 4))
+            shared = F.relu_(convolve(self.conv, x))
+            logits.append(conv1x1(self.objectness, shared).permute(0, 2, 3, 1).reshape(n, -1, self.num_logits))
+            deltas.append(conv1x1(self.deltas, shared).permute(0, 2, 3, 1).reshape(n, -1, 4))
         logits = torch.cat(logits, dim=1)
         if self.num_logits == 1:
             logits = logits.squeeze(2)

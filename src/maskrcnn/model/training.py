@@ -22,7 +22,6 @@ from ..config import MASK_BATCH_BUCKET_CUDA
 from ..errors import DataError
 from . import losses as L
 from .preprocess import ImageMeta, mold_images
-from .proposals import propose_global, propose_per_level
 from .targets import build_detection_targets, build_rpn_targets, keep_largest, minimize_masks, random_rois
 
 
@@ -158,45 +157,20 @@ def training_losses(model, images, targets) -> dict[str, torch.Tensor]:
     gts = [mold_target(t, m, image_shape, device, cfg.max_gt_instances,
                        cfg.mini_mask_shape if cfg.use_mini_mask else None) for t, m in zip(targets, metas)]
 
-    stage = model.first_stage(batch, metas, None)
+    # torchvision keeps 2000 anchors a level before NMS in training and 1000 at inference: with
+    # 1000 in training the cut at 2000 proposals fell elsewhere and the heads' positives differed
+    # from torchvision's on the same weights (2 images of 800x1066 with 8 ellipses: 14 and 27
+    # against 8 and 9; equal with 2000).  Hence pre_nms_limit_training.
+    stage = model.first_stage(batch, metas, cfg.post_nms_rois_training if cfg.use_rpn_rois else None,
+                              cfg.pre_nms_limit_training)
     losses = rpn_losses(model, stage, gts, image_shape)
     if cfg.use_rpn_rois:
-        proposals = training_proposals(model, stage, metas, image_shape)
+        proposals = [to_pixels(model, p, image_shape) for p in stage.proposals]
     else:
         proposals = [random_rois(image_shape, cfg.post_nms_rois_training, g["boxes"][~g["crowd"]]).to(device)
                      for g in gts]
     losses.update(head_losses(model, stage.features, proposals, gts, image_shape))
     return {k: v * cfg.loss_weights[k] for k, v in losses.items()}
-
-
-def training_proposals(model, stage, metas: list[ImageMeta], image_shape) -> list[torch.Tensor]:
-    """Each image's proposals for the heads' targets, [P_i, (x1, y1, x2, y2)] molded-image pixels,
-    no gradient: :meth:`MaskRCNN.propose`'s ProposalLayer over ``stage``'s RPN outputs with the
-    training limits, ``pre_nms_limit_training`` anchors kept before NMS (per level or over all,
-    ``proposal_selection``) and ``post_nms_rois_training`` proposals after.
-
-    torchvision keeps 2000 anchors a level in training and 1000 at inference.  With 1000 in
-    training the cut at 2000 proposals fell elsewhere and the heads' positives differed from
-    torchvision's on the same weights (2 images of 800x1066 with 8 ellipses: 14 and 27 against
-    8 and 9; with 2000 they are equal)."""
-    cfg = model.config
-    limit = cfg.pre_nms_limit_training or cfg.pre_nms_limit
-    std = box_ops.std_xy(cfg.rpn_bbox_std_dev)
-    anchors, level_sizes = model.anchors(image_shape, stage.rpn_deltas.device)
-    out = []
-    with torch.no_grad():
-        for logits, deltas, meta in zip(stage.rpn_logits.detach(), stage.rpn_deltas.detach(), metas):
-            window = model.proposal_window(meta, image_shape, deltas.device)
-            if cfg.proposal_selection == "global":
-                boxes, _ = propose_global(model.rpn.foreground_probability(logits), deltas, anchors, window, limit,
-                                          cfg.post_nms_rois_training, cfg.rpn_nms_threshold, std,
-                                          cfg.bbox_decode_clip, cfg.rpn_min_size)
-            else:
-                boxes, _ = propose_per_level(model.rpn.foreground_logit(logits), deltas, anchors, window,
-                                             level_sizes, limit, cfg.post_nms_rois_training, cfg.rpn_nms_threshold,
-                                             std, cfg.bbox_decode_clip, cfg.rpn_min_size)
-            out.append(to_pixels(model, boxes, image_shape))
-    return out
 
 
 def rpn_losses(model, stage, gts: list[dict], image_shape) -> dict[str, torch.Tensor]:
