@@ -78,10 +78,14 @@ class SeededItems(torch.utils.data.Dataset):
     """``dataset`` read with keys ``(epoch, position, index)``: item ``index`` is loaded (and
     augmented) under :func:`seeded_rng` ``(seed, epoch, position)``.  A DataLoader worker's own
     random stream depends on which batches it served before; this makes an item's augmentation
-    the same in an uninterrupted run, a resumed one and with any number of workers."""
+    the same in an uninterrupted run, a resumed one and with any number of workers.
 
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+    prepare: optional ``prepare(image, target) -> (image, target)`` run on each item after
+    loading, under the same seeded stream (the model's per-image preparation,
+    :func:`maskrcnn.model.training.prepare_training_item`: in the workers, not in the step)."""
+
+    def __init__(self, dataset, seed: int, prepare: Callable | None = None):
+        self.dataset, self.seed, self.prepare = dataset, seed, prepare
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -89,7 +93,21 @@ class SeededItems(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int, int]):
         epoch, position, index = key
         with seeded_rng(self.seed, epoch, position):
-            return self.dataset[index]
+            item = self.dataset[index]
+            return self.prepare(*item) if self.prepare is not None else item
+
+
+def item_preparer(model: torch.nn.Module) -> Callable | None:
+    """The per-image training preparation of ``model`` for the data loader: a Mask R-CNN's
+    :func:`~maskrcnn.model.training.prepare_training_item` with its config; None for any other
+    model, whose ``forward`` gets the items as the dataset gives them."""
+    from functools import partial
+
+    from ..model.maskrcnn import MaskRCNN
+    from ..model.training import prepare_training_item
+
+    model = unwrap(model)
+    return partial(prepare_training_item, config=model.config) if isinstance(model, MaskRCNN) else None
 
 
 def to_device(targets: list[dict], device: torch.device) -> list[dict]:
@@ -156,6 +174,9 @@ class Trainer:
     info:         this process's place in a distributed run (``init_distributed()``); default
                   single-process on the model's device.
     amp:          "auto", "bf16", "fp16" or "off" (see :func:`autocast_dtype`).
+    prepare_in_workers: False leaves a Mask R-CNN's per-image preparation (resizing images and
+                  masks) in the step, as before it moved to the data loader: the same losses,
+                  slower; for measuring what the move gains.
     """
 
     def __init__(self, model: torch.nn.Module, dataset, out_dir, config, *, layers: str = "all",
@@ -163,7 +184,7 @@ class Trainer:
                  best_metric: str = "mask_AP", patience: int | None = None,
                  checkpoint_every: int = 500, keep: int = 3, log_every: int = 20, seed: int = 0,
                  num_workers: int = 0, info: DistInfo | None = None, amp: str = "auto",
-                 progress: bool = True, hooks: tuple = ()):
+                 progress: bool = True, hooks: tuple = (), prepare_in_workers: bool = True):
         if layers not in LAYER_REGIMES:
             raise MaskRCNNError(f"layers={layers!r} is not one of {', '.join(LAYER_REGIMES)}")
         for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
@@ -177,6 +198,7 @@ class Trainer:
         self.dataset, self.config, self.layers = dataset, config, layers
         self.out_dir = Path(out_dir)
         self.seed, self.num_workers, self.keep = seed, num_workers, keep
+        self.prepare_in_workers = prepare_in_workers
         self.batch_size = config.images_per_gpu
         self.amp_dtype = autocast_dtype(self.info.device, amp)
         if len(dataset) < self.batch_size * self.info.world_size:
@@ -242,8 +264,11 @@ class Trainer:
     def batches(self, start_step: int):
         """Endless (images, targets) batches from optimizer step ``start_step`` on, the same
         batches (and augmentations) an uninterrupted run would see at those steps.  One
-        DataLoader serves every epoch, so its workers start once, not at each epoch."""
-        loader = DataLoader(SeededItems(self.dataset, self.seed), batch_sampler=self.keyed_batches(start_step),
+        DataLoader serves every epoch, so its workers start once, not at each epoch; they also
+        do a Mask R-CNN's per-image preparation (:func:`item_preparer`), so that it overlaps
+        the step instead of running in it."""
+        prepare = item_preparer(self.wrapped) if self.prepare_in_workers else None
+        loader = DataLoader(SeededItems(self.dataset, self.seed, prepare), batch_sampler=self.keyed_batches(start_step),
                             collate_fn=collate, num_workers=self.num_workers,
                             # pinned pages let run_step's non_blocking copies overlap the GPU
                             pin_memory=self.info.device.type == "cuda",

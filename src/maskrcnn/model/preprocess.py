@@ -144,9 +144,30 @@ def resize_matterport(image: np.ndarray, mode: str, min_dim: int, max_dim: int, 
 def normalize_matterport(image: np.ndarray, mean_pixel) -> torch.Tensor:
     """[H, W, 3] uint8 -> [3, H, W] float32 ``image - mean_pixel`` (computed in float64, as the
     original's float32 - float64 array, then fed as float32)."""
-    t = torch.from_numpy(image).permute(2, 0, 1).double()
-    mean = torch.tensor(mean_pixel, dtype=torch.float64)[:, None, None]
-    return (t - mean).float()
+    return normalize_uint8(torch.from_numpy(image).permute(2, 0, 1), mean_pixel)
+
+
+def normalize_uint8(image: torch.Tensor, mean_pixel, std_pixel=None) -> torch.Tensor:
+    """[3, H, W] uint8 on any device -> [3, H, W] float32 there: ``image - mean_pixel`` in float64
+    rounded to float32 (Matterport's numbers), then divided by ``std_pixel`` in float32 when given.
+    Each value is one correctly rounded operation, so the CPU and a GPU give the same bits."""
+    mean = torch.tensor(mean_pixel, dtype=torch.float64, device=image.device)[:, None, None]
+    x = (image.double() - mean).float()
+    if std_pixel is not None:
+        x = x / torch.tensor(std_pixel, dtype=torch.float32, device=image.device)[:, None, None]
+    return x
+
+
+def torchvision_scale(height: int, width: int, min_dim: int, max_dim: int) -> float:
+    """torchvision's resize factor of a ``height`` x ``width`` image: the short side to
+    ``min_dim`` unless the long side would pass ``max_dim``."""
+    return min(min_dim / min(height, width), max_dim / max(height, width))
+
+
+def torchvision_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The (H', W') that ``F.interpolate(scale_factor=scale, recompute_scale_factor=True)`` gives
+    a ``height`` x ``width`` image: each side times ``scale``, rounded down (as PyTorch does)."""
+    return math.floor(float(height) * scale), math.floor(float(width) * scale)
 
 
 def mold_torchvision(image: torch.Tensor, mean_pixel, std_pixel, min_dim: int, max_dim: int):
@@ -156,8 +177,7 @@ def mold_torchvision(image: torch.Tensor, mean_pixel, std_pixel, min_dim: int, m
     mean = torch.tensor([m / 255 for m in mean_pixel], dtype=torch.float32, device=x.device)
     std = torch.tensor([s / 255 for s in std_pixel], dtype=torch.float32, device=x.device)
     x = (x - mean[:, None, None]) / std[:, None, None]
-    h, w = x.shape[-2:]
-    scale = min(min_dim / min(h, w), max_dim / max(h, w))
+    scale = torchvision_scale(*x.shape[-2:], min_dim, max_dim)
     x = F.interpolate(x[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
                       align_corners=False)[0]
     return x, (0, 0, x.shape[1], x.shape[2]), scale
@@ -185,14 +205,22 @@ def mold_images(images, config, device) -> tuple[torch.Tensor, list[ImageMeta]]:
             arr = as_hwc_uint8(image)
             resized, window, scale = resize_matterport(arr, config.image_resize_mode, config.image_min_dim,
                                                        config.image_max_dim, config.image_min_scale)
-            x = normalize_matterport(resized, config.mean_pixel)
-            if config.std_pixel is not None:
-                x = x / torch.tensor(config.std_pixel, dtype=torch.float32)[:, None, None]
-            x = x.to(device)
+            x = normalize_uint8(torch.from_numpy(resized).permute(2, 0, 1), config.mean_pixel,
+                                config.std_pixel).to(device)
             original = arr.shape[:2]
         molded.append(x)
         metas.append(ImageMeta(tuple(int(v) for v in original), tuple(int(v) for v in window), scale))
     return pad_batch(molded, config.image_size_divisor if config.image_resize_mode == "torchvision" else 1), metas
+
+
+def mold_resized_images(images, config, device) -> torch.Tensor:
+    """The batch of images that :func:`resize_matterport` resized and padded one by one (in a
+    DataLoader worker, ``model.training.prepare_training_item``): [3, H_i, W_i] uint8 on any
+    device -> [N, 3, H, W] float32 on ``device``.  Each image moves as uint8 (a quarter of
+    float32's bytes), is normalised there as :func:`mold_images` normalises, and is zero-padded
+    bottom/right to the largest: the batch :func:`mold_images` makes of the unresized images."""
+    return pad_batch([normalize_uint8(image.to(device, non_blocking=True), config.mean_pixel, config.std_pixel)
+                      for image in images])
 
 
 def pad_batch(images: list[torch.Tensor], divisor: int = 1) -> torch.Tensor:

@@ -10,6 +10,12 @@ On CUDA the mask head's batch is padded to a multiple of ``mask_batch_bucket`` s
 cudnn.benchmark autotunes a few shapes, not one per step; the padding has no loss or gradient.
 
 Targets are built in molded-image pixels (``targets.py``), whatever the model's box frame.
+
+Molding has a per-image part, :func:`prepare_training_item` (Matterport's resize of the image and
+of its masks, mini masks, the random crop: the step's dearest CPU work), which the trainer runs in
+its DataLoader workers, and a batched part, :func:`mold_training_batch` (normalise, pad, stack on
+the device), which runs in the step.  ``model(images, targets)`` takes raw items too and then does
+both in the step; the numbers are the same either way.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from .. import boxes as box_ops
 from ..config import MASK_BATCH_BUCKET_CUDA
 from ..errors import DataError
 from . import losses as L
-from .preprocess import ImageMeta, mold_images
+from .preprocess import (ImageMeta, as_hwc_uint8, mold_images, mold_resized_images, resize_bilinear_uint8,
+                         resize_matterport, torchvision_scale, torchvision_size)
 from .targets import build_detection_targets, build_rpn_targets, keep_largest, minimize_masks, random_rois
 
 
@@ -37,7 +44,8 @@ def to_frame(model, boxes: torch.Tensor, image_shape) -> torch.Tensor:
 
 def mold_target(target: dict, meta: ImageMeta, image_shape, device, max_instances: int | None = None,
                 mini_mask_shape=None) -> dict:
-    """Move one image's ground truth into the molded batch frame.
+    """Move one image's ground truth into the molded batch frame: :func:`scale_target`, then
+    :func:`place_target` in the batch's ``image_shape`` (H, W).
 
     target: ``masks`` [N, h, w] (bool/uint8, original image) or ``mini_masks`` [N, mh, mw]
     (:func:`~maskrcnn.model.targets.minimize_masks`, with ``boxes``), ``labels`` [N], optional
@@ -46,6 +54,21 @@ def mold_target(target: dict, meta: ImageMeta, image_shape, device, max_instance
     mini_mask_shape: minimize full masks to this (h, w) before molding (``use_mini_mask``).
     Returns masks [N, H, W] bool (or mini masks [N, mh, mw], ``mini`` True), boxes [N, 4]
     molded pixels, labels [N] int64, crowd [N] bool.
+    """
+    return place_target(scale_target(target, meta, device, max_instances, mini_mask_shape), image_shape)
+
+
+def scale_target(target: dict, meta: ImageMeta, device=None, max_instances: int | None = None,
+                 mini_mask_shape=None) -> dict:
+    """The per-image, batch-independent part of :func:`mold_target` (arguments as there;
+    ``device`` None leaves tensors where they are): the ``max_instances`` largest instances,
+    their masks minimized (``mini_mask_shape``) or resized by nearest neighbour to the image's
+    window in the molded image, the boxes scaled and shifted into molded pixels.
+
+    Returns masks [N, y2 - y1, x2 - x1] bool (the window's size; or mini masks [N, mh, mw],
+    ``mini`` True), boxes [N, (x1, y1, x2, y2)] float32 molded pixels (of an empty mask
+    (0, 0, 0, 0), as :func:`~maskrcnn.boxes.masks_to_boxes` gives it), labels [N] int64, crowd
+    [N] bool, and ``meta``.
     """
     mini = "mini_masks" in target
     masks = torch.as_tensor(target["mini_masks"] if mini else target["masks"], device=device)
@@ -61,26 +84,47 @@ def mold_target(target: dict, meta: ImageMeta, image_shape, device, max_instance
     crowd = torch.as_tensor(target.get("iscrowd", torch.zeros(n)), device=device).bool().reshape(-1)
     if (max_instances and n > max_instances) or (mini_mask_shape is not None and not mini):
         target = select_instances(target, masks, labels, crowd, max_instances, mini_mask_shape, mini)
-        return mold_target(target, meta, image_shape, device)
+        return scale_target(target, meta, device)
     y1, x1, y2, x2 = meta.window
+    scaled = dict(labels=labels, crowd=crowd, mini=mini, image_meta=meta)
     if mini:
-        sx, sy = (x2 - x1) / w, (y2 - y1) / h
-        boxes = torch.as_tensor(target["boxes"], device=device, dtype=torch.float32).reshape(-1, 4)
-        boxes = boxes * boxes.new_tensor([sx, sy, sx, sy]) + boxes.new_tensor([x1, y1, x1, y1])
-        return dict(masks=masks.bool(), boxes=boxes, labels=labels, crowd=crowd, mini=True)
-    full = torch.zeros(n, *image_shape, dtype=torch.bool, device=device)
-    if n:
-        resized = masks.bool()
-        if (y2 - y1, x2 - x1) != (h, w):
-            resized = F.interpolate(masks[None].float(), size=(y2 - y1, x2 - x1), mode="nearest")[0] > 0.5
-        full[:, y1:y2, x1:x2] = resized
-    if target.get("boxes") is not None and n:
-        sx, sy = (x2 - x1) / w, (y2 - y1) / h
-        boxes = torch.as_tensor(target["boxes"], device=device, dtype=torch.float32).reshape(-1, 4)
-        boxes = boxes * boxes.new_tensor([sx, sy, sx, sy]) + boxes.new_tensor([x1, y1, x1, y1])
+        return dict(scaled, masks=masks.bool(), boxes=scale_boxes(target["boxes"], meta, masks.device))
+    if n == 0:
+        resized = torch.zeros(0, y2 - y1, x2 - x1, dtype=torch.bool, device=masks.device)
+    elif (y2 - y1, x2 - x1) != (h, w):
+        resized = F.interpolate(masks[None].float(), size=(y2 - y1, x2 - x1), mode="nearest")[0] > 0.5
     else:
-        boxes = box_ops.masks_to_boxes(full)
-    return dict(masks=full, boxes=boxes, labels=labels, crowd=crowd, mini=False)
+        resized = masks.bool()
+    if target.get("boxes") is not None and n:
+        boxes = scale_boxes(target["boxes"], meta, masks.device)
+    else:
+        boxes = box_ops.masks_to_boxes(resized)
+        boxes[resized.flatten(1).any(dim=1)] += boxes.new_tensor([x1, y1, x1, y1])
+    return dict(scaled, masks=resized, boxes=boxes)
+
+
+def scale_boxes(boxes, meta: ImageMeta, device) -> torch.Tensor:
+    """[N, (x1, y1, x2, y2)] original-image pixels -> float32 pixels of the molded image
+    (scaled to the window of ``meta``, shifted by its corner)."""
+    y1, x1, y2, x2 = meta.window
+    h, w = meta.original_shape
+    sx, sy = (x2 - x1) / w, (y2 - y1) / h
+    boxes = torch.as_tensor(boxes, device=device, dtype=torch.float32).reshape(-1, 4)
+    return boxes * boxes.new_tensor([sx, sy, sx, sy]) + boxes.new_tensor([x1, y1, x1, y1])
+
+
+def place_target(scaled: dict, image_shape) -> dict:
+    """A :func:`scale_target` dict in a batch molded to ``image_shape`` (H, W): full masks
+    [N, H, W] bool, zero outside the image's window (mini masks as they are).  Returns masks,
+    boxes, labels, crowd and mini as :func:`mold_target`."""
+    out = {k: scaled[k] for k in ("boxes", "labels", "crowd", "mini")}
+    if scaled["mini"]:
+        return dict(out, masks=scaled["masks"])
+    y1, x1, y2, x2 = scaled["image_meta"].window
+    masks = scaled["masks"]
+    full = torch.zeros(masks.shape[0], *image_shape, dtype=torch.bool, device=masks.device)
+    full[:, y1:y2, x1:x2] = masks
+    return dict(out, masks=full)
 
 
 def select_instances(target: dict, masks, labels, crowd, max_instances, mini_mask_shape, mini: bool) -> dict:
@@ -116,8 +160,6 @@ def random_crop(image, target: dict, min_dim: int, min_scale: float = 0):
     image: [H, W, 3] uint8 numpy or [3, H, W] uint8 tensor; target as :func:`mold_target`
     with full ``masks``.  Returns ([min_dim, min_dim, 3] uint8 numpy, target).
     """
-    from .preprocess import as_hwc_uint8, resize_bilinear_uint8
-
     image = as_hwc_uint8(image)
     h, w = image.shape[:2]
     scale = max(1, min_dim / min(h, w))
@@ -141,22 +183,90 @@ def random_crop(image, target: dict, min_dim: int, min_scale: float = 0):
     return np.ascontiguousarray(image[y:y + min_dim, x:x + min_dim]), out
 
 
-def training_losses(model, images, targets) -> dict[str, torch.Tensor]:
-    """The five losses of one batch, each multiplied by ``config.loss_weights``.
+def prepare_training_item(image, target: dict, config, device=None) -> tuple[torch.Tensor, dict]:
+    """The per-image part of a training step's preparation, done where the item is loaded (a
+    DataLoader worker; :meth:`maskrcnn.engine.trainer.SeededItems`), so that the step only
+    normalises, pads and stacks (:func:`mold_training_batch`).  Matterport's data generator
+    (``load_image_gt``) resizes there too.
 
-    images: list of [3, H, W] uint8 tensors (or [H, W, 3] uint8 numpy).
-    targets: list of dicts as in :func:`mold_target`.
+    image: [3, H, W] uint8 tensor or [H, W, 3] uint8 numpy; target as :func:`mold_target`;
+    config: the model's ``Config``; device: where the target's tensors go (None: where they are).
+    "crop" mode first takes :func:`random_crop` (its position drawn from torch's global
+    generator: under ``SeededItems`` the item's own (seed, epoch, position) stream).
+    Returns (image, target):
+
+    * image: Matterport modes: resized and padded as :func:`~.preprocess.resize_matterport`,
+      [3, H', W'] uint8 contiguous, on the CPU.  Torchvision mode: the image unchanged (its
+      normalise-then-resize runs on the step's device, ``mold_torchvision``).
+    * target: :func:`scale_target`'s dict (masks at the window's size or mini masks, boxes in
+      molded pixels, ``image_meta`` the :class:`~.preprocess.ImageMeta`), which marks it prepared.
+    """
+    mini_shape = config.mini_mask_shape if config.use_mini_mask else None
+    if config.image_resize_mode == "crop":
+        image, target = random_crop(image, target, config.image_min_dim, config.image_min_scale)
+    if config.image_resize_mode == "torchvision":
+        if not (isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.dim() == 3
+                and image.shape[0] == 3):
+            image = torch.from_numpy(as_hwc_uint8(image)).permute(2, 0, 1)
+        h, w = image.shape[-2:]
+        scale = torchvision_scale(h, w, config.image_min_dim, config.image_max_dim)
+        meta = ImageMeta((int(h), int(w)), (0, 0, *torchvision_size(h, w, scale)), scale)
+    else:
+        arr = as_hwc_uint8(image)
+        resized, window, scale = resize_matterport(arr, config.image_resize_mode, config.image_min_dim,
+                                                   config.image_max_dim, config.image_min_scale)
+        image = torch.from_numpy(resized).permute(2, 0, 1).contiguous()
+        meta = ImageMeta(tuple(int(v) for v in arr.shape[:2]), tuple(int(v) for v in window), scale)
+    return image, scale_target(target, meta, device, config.max_gt_instances, mini_shape)
+
+
+def is_prepared(target: dict) -> bool:
+    """True for a target :func:`prepare_training_item` made."""
+    return "image_meta" in target
+
+
+def mold_training_batch(model, images, targets) -> tuple[torch.Tensor, list[ImageMeta], list[dict]]:
+    """The batched part of a training step's preparation: items that are not prepared yet are
+    prepared here (:func:`prepare_training_item`, as on a direct ``model(images, targets)``
+    call), then the images are normalised and padded into one batch on the model's device and
+    each target's masks placed in the batch's frame (:func:`place_target`).
+
+    images: list of [3, H, W] uint8 tensors (or [H, W, 3] uint8 numpy), raw or prepared.
+    targets: list of dicts as in :func:`mold_target`, or prepared.
+    Returns (batch [N, 3, H, W] float32, one ImageMeta per image, targets as :func:`mold_target`).
     """
     cfg = model.config
     device = model.device
-    if cfg.image_resize_mode == "crop":
-        images, targets = zip(*[random_crop(im, t, cfg.image_min_dim, cfg.image_min_scale)
-                                for im, t in zip(images, targets)])
-    batch, metas = mold_images(images, cfg, device)
+    images, targets = zip(*[(im, t) if is_prepared(t) else prepare_training_item(im, t, cfg, device)
+                            for im, t in zip(images, targets)])
+    metas = [t["image_meta"] for t in targets]
+    if cfg.image_resize_mode == "torchvision":
+        batch, molded = mold_images(images, cfg, device)
+        if [m.window for m in molded] != [m.window for m in metas]:
+            raise DataError(f"prepared targets for windows {[m.window for m in metas]} do not fit the images "
+                            f"molded to {[m.window for m in molded]}")
+    else:
+        batch = mold_resized_images(images, cfg, device)
     image_shape = tuple(batch.shape[-2:])
-    gts = [mold_target(t, m, image_shape, device, cfg.max_gt_instances,
-                       cfg.mini_mask_shape if cfg.use_mini_mask else None) for t, m in zip(targets, metas)]
+    return batch, metas, [place_target(t, image_shape) for t in targets]
 
+
+def training_losses(model, images, targets) -> dict[str, torch.Tensor]:
+    """The five losses of one batch, each multiplied by ``config.loss_weights``.
+
+    images: list of [3, H, W] uint8 tensors (or [H, W, 3] uint8 numpy), raw or prepared by
+    :func:`prepare_training_item`; targets: list of dicts as in :func:`mold_target`, or prepared.
+    """
+    batch, metas, gts = mold_training_batch(model, images, targets)
+    return batch_losses(model, batch, metas, gts)
+
+
+def batch_losses(model, batch: torch.Tensor, metas: list[ImageMeta], gts: list[dict]) -> dict[str, torch.Tensor]:
+    """:func:`training_losses` of a molded batch ([N, 3, H, W], its metas and targets as
+    :func:`mold_training_batch` returns them)."""
+    cfg = model.config
+    device = model.device
+    image_shape = tuple(batch.shape[-2:])
     # torchvision keeps 2000 anchors a level before NMS in training and 1000 at inference: with
     # 1000 in training the cut at 2000 proposals fell elsewhere and the heads' positives differed
     # from torchvision's on the same weights (2 images of 800x1066 with 8 ellipses: 14 and 27
