@@ -125,7 +125,12 @@ def test_detect_writes_overlays_and_results(tmp_path, model_dir, capsys):
     for r in records:
         assert r["category_id"] in (1, 2, 3)
         assert r["segmentation"]["size"] == ([32, 32] if "frame" in r else [40, 56])
-    assert "instances in 5 images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "instances in 5 images" in printed
+    assert "ran on PyTorch eager (cpu, " in printed and " convolutions)" in printed  # which path ran
+    assert main(["detect", "--weights", str(model_dir), "--out", str(tmp_path / "direct"), "--no-overlays",
+                 "--set", "cpu_inference_conv=direct", str(inputs)]) == 0
+    assert "direct convolutions)" in capsys.readouterr().out
 
 
 def test_detect_bad_inputs_exit_2_and_keep_old_results(tmp_path, model_dir, capsys):

@@ -192,8 +192,13 @@ def load_model(args):
 
 
 def runtime_name(model) -> str:
-    """What runs ``model``: "ONNX Runtime (CPU)" for an exported file, else "PyTorch eager (<device>)"."""
-    return getattr(model, "runtime", None) or f"PyTorch eager ({getattr(model, 'device', 'cpu')})"
+    """What runs ``model``: "ONNX Runtime (CPU)" for an exported file, else the eager path
+    (``MaskRCNN.inference_path``: device, threads, convolution algorithm)."""
+    if getattr(model, "runtime", None):
+        return model.runtime
+    if hasattr(model, "inference_path"):
+        return model.inference_path()
+    return f"PyTorch eager ({getattr(model, 'device', 'cpu')})"
 
 
 def model_class_names(model) -> list[str]:

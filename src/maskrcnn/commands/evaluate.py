@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import DataError, MaskRCNNError
 from .common import (add_annotation_arguments, add_model_arguments, at_least, batches, load_model, open_annotations,
-                     output_path, progress)
+                     output_path, progress, runtime_name)
 
 log = logging.getLogger("maskrcnn")
 
@@ -115,6 +115,7 @@ def score_model(args, dataset, evaluator, indices, from_coco: bool, skipped: lis
     from ..data.images import IntensityScaling
 
     model = load_model(args)
+    log.info("running on %s", runtime_name(model))
     dataset.intensity_scaling = IntensityScaling.from_config(model.config)
     mapping = dataset_labels(model, dataset, args.weights)
     for ids in batches(progress(indices, len(indices), "evaluate"), max(1, args.batch_size)):

@@ -134,6 +134,16 @@ class MaskRCNN(nn.Module):
         autograd; see .conv)."""
         return conv.winograd(self.config.cpu_inference_conv == "winograd")
 
+    def inference_path(self) -> str:
+        """How :meth:`detect` runs here, in words, e.g. "PyTorch eager (cpu, 2 threads, Winograd
+        3x3 convolutions)": the fastest path this package has that gives the same detections."""
+        device = self.device
+        if device.type != "cpu":
+            return f"PyTorch eager ({device})"
+        fast = self.config.cpu_inference_conv == "winograd" and conv.nnpack_available()
+        convs = "Winograd 3x3 convolutions" if fast else "direct convolutions"
+        return f"PyTorch eager (cpu, {torch.get_num_threads()} threads, {convs})"
+
     def features(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """[N, 3, H, W] molded images -> [P2, P3, P4, P5, P6] (NCHW or channels-last: the CPU's
         Winograd convolutions leave NCHW maps)."""
