@@ -1,5 +1,6 @@
-"""What each speed idea gives: ours with channels-last and BN folding off in turn, against
-torchvision, interleaved; inference on a 480x640 image and a training step.
+"""What each speed idea gives: ours with channels-last and BN folding off in turn, and (inference
+only) the Winograd convolutions and embedding_bag ROI pooling off in turn, against torchvision,
+interleaved; inference on a 480x640 image and a training step.
 
     python benchmarks/bench_ablation.py --reps 5
 """
@@ -11,11 +12,33 @@ import torch
 from bench_training import training_step_fns
 from harness import (build_ours, build_torchvision, fmt_ms, interleaved, median, set_score_threshold, smooth_image,
                      threshold_for)
+from maskrcnn.model import roi_align
 from maskrcnn.model.fuse import set_bn_folding
 
 
 ABLATIONS = [("neither (NCHW, conv then BN)", False, False), ("channels-last only", False, True),
              ("BN folding only", True, False), ("both (default)", True, True)]
+
+
+#: Inference-only ideas, on the default model (both of the above on): (name, Winograd 3x3
+#: convolutions, embedding_bag ROI pooling).  Off means oneDNN's direct convolutions and
+#: torchvision's one-threaded roi_align kernel on NCHW maps.
+INFERENCE_ABLATIONS = [("+ direct convolutions (Winograd off)", False, True),
+                       ("+ torchvision roi_align (embedding_bag pooling off)", True, False),
+                       ("+ both off", False, False)]
+
+
+def detect_with(model, image, winograd: bool, bags: bool):
+    """``model.detect([image])`` with the Winograd convolutions and the embedding_bag pooling on
+    or off for this call."""
+    setting, pooling = model.config.cpu_inference_conv, roi_align.fast_pooling
+    model.config.cpu_inference_conv = "winograd" if winograd else "direct"
+    if not bags:
+        roi_align.fast_pooling = lambda feature: False
+    try:
+        return model.detect([image])
+    finally:
+        model.config.cpu_inference_conv, roi_align.fast_pooling = setting, pooling
 
 
 def bench_ablation(args, device) -> None:
@@ -45,6 +68,9 @@ def bench_ablation(args, device) -> None:
     fns = {"torchvision": run_tv}
     for name, m in variants.items():
         fns[name] = (lambda m=m: m.detect([dev_image]))
+    default = variants["both (default)"]
+    for name, winograd, bags in INFERENCE_ABLATIONS:
+        fns[name] = (lambda winograd=winograd, bags=bags: detect_with(default, dev_image, winograd, bags))
     t = interleaved(fns, args.reps, device)
     bfns = {"torchvision": run_tv_backbone}
     for name, m in variants.items():
@@ -56,8 +82,9 @@ def bench_ablation(args, device) -> None:
     print("|---|---:|---:|---:|---:|")
     ref, bref = median(t["torchvision"]), median(tb["torchvision"])
     for name in fns:
-        a, b = median(t[name]), median(tb[name])
-        print(f"| {name} | {fmt_ms(a)} | {a / ref:.2f} | {fmt_ms(b)} | {b / bref:.2f} |", flush=True)
+        a = median(t[name])
+        b = f"{fmt_ms(median(tb[name]))} | {median(tb[name]) / bref:.2f}" if name in tb else " | "
+        print(f"| {name} | {fmt_ms(a)} | {a / ref:.2f} | {b} |", flush=True)
     del variants, fns, bfns
     train = training_step_fns(device, variants={name: (fold, cl) for name, fold, cl in ABLATIONS})
     del train["ours"]

@@ -165,10 +165,17 @@ def conv_throughput(device, reps: int = 5) -> float:
 
 def model_flops(ours, image, device) -> tuple[float, float]:
     """(total GFLOPs, backbone+FPN GFLOPs) of one detect, counted by FlopCounterMode
-    (convolutions and matrix products; roi_align, NMS and elementwise work not counted)."""
+    (convolutions and matrix products; roi_align, NMS and elementwise work not counted), with
+    direct convolutions: the model's arithmetic (FlopCounterMode does not see NNPACK's Winograd
+    calls, which need fewer multiplications for the same outputs)."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        ours.detect([image])
+    setting = ours.config.cpu_inference_conv
+    ours.config.cpu_inference_conv = "direct"
+    try:
+        with FlopCounterMode(display=False) as counter:
+            ours.detect([image])
+    finally:
+        ours.config.cpu_inference_conv = setting
     counts = counter.get_flop_counts()
     backbone = sum(sum(counts.get(k, {}).values()) for k in ("ResNet", "FPN"))  # top-level modules by class
     return counter.get_total_flops() / 1e9, backbone / 1e9
