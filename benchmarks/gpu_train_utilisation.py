@@ -7,6 +7,16 @@ folder, runs ``maskrcnn train`` on it on the GPU (data loading in worker process
 memory, non-blocking copies), samples ``nvidia-smi``'s utilisation.gpu every 200 ms meanwhile,
 and prints the utilisation over the run's steady part (after the first ``--skip`` seconds, which
 hold start-up, the first batches and cuDNN's autotuning) with the run's own steps/s.
+
+    python benchmarks/gpu_train_utilisation.py --split --device cpu --backbone resnet18 --thin --workers 2
+
+``--split`` measures where a step's time goes instead, on in-memory items of the same kind
+(``--batch`` x ``--size`` images, 8 ellipses each, the Matterport preset unless ``--preset``):
+the per-image preparation (resize of image and masks, mini masks) when the step does it, as
+before it moved to the DataLoader workers, against the batched remainder the step does now
+(normalise, pad, stack, move), next to forward + backward; then the wall time per Trainer step
+with ``--workers`` workers, preparing in the step against in the workers (interleaved runs of
+``--steps`` steps, the first of each left out), with the GPU's utilisation when there is one.
 """
 from __future__ import annotations
 
@@ -26,24 +36,30 @@ import numpy as np
 from PIL import Image
 
 
+def scene(rng: np.random.Generator, height: int, width: int, instances: int):
+    """A smooth [height, width, 3] uint8 image and ``instances`` ellipses (cy, cx, ry, rx, category)."""
+    coarse = rng.random((height // 16 + 1, width // 16 + 1, 3))
+    img = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((width, height), Image.BILINEAR))
+    ellipses = [(rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width, rng.uniform(0.03, 0.15) * height,
+                 rng.uniform(0.03, 0.15) * width, int(rng.integers(1, 4))) for _ in range(instances)]
+    return img, ellipses
+
+
 def write_dataset(folder: Path, count: int, height: int, width: int, instances: int, seed: int = 0) -> Path:
     """``count`` JPEGs and their COCO annotation file (polygons of ellipses, 3 categories)."""
     rng = np.random.default_rng(seed)
     images, annotations = [], []
     (folder / "images").mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        coarse = rng.random((height // 16 + 1, width // 16 + 1, 3))
-        img = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((width, height), Image.BILINEAR))
+        img, ellipses = scene(rng, height, width, instances)
         name = f"{i:05d}.jpg"
         Image.fromarray(img).save(folder / "images" / name, quality=90)
         images.append({"id": i + 1, "file_name": name, "height": height, "width": width})
-        for _ in range(instances):
-            cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
-            ry, rx = rng.uniform(0.03, 0.15) * height, rng.uniform(0.03, 0.15) * width
+        for cy, cx, ry, rx, category in ellipses:
             t = np.linspace(0, 2 * math.pi, 32, endpoint=False)
             poly = np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], 1).round(2).reshape(-1).tolist()
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
-                                "category_id": int(rng.integers(1, 4)), "segmentation": [poly],
+                                "category_id": category, "segmentation": [poly],
                                 "bbox": [cx - rx, cy - ry, 2 * rx, 2 * ry], "area": math.pi * rx * ry,
                                 "iscrowd": 0})
     ann = folder / "train.json"
@@ -62,6 +78,139 @@ def sample_utilisation(samples: list, stop: threading.Event, period: float = 0.2
         time.sleep(period)
 
 
+#: Ellipses an image, as COCO's images hold several objects.
+INSTANCES = 8
+
+#: ``--thin``: the demo's narrow FPN and heads and its ROI counts (``maskrcnn demo``), so that a
+#: CPU step at 1024x1024 takes seconds, not a minute, and the preparation's share shows.
+THIN = dict(top_down_pyramid_size=64, rpn_conv_channels=64, fpn_classif_fc_layers_size=256, mask_head_channels=64,
+            rpn_train_anchors_per_image=128, pre_nms_limit_training=1000, post_nms_rois_training=200,
+            train_rois_per_image=32)
+
+
+class EllipseItems:
+    """``count`` in-memory training items of the same kind as :func:`write_dataset`'s: ([3, H, W]
+    uint8 image, target with ``masks`` [N, H, W] bool, ``labels``, ``boxes``), copies on each read
+    as a reader's fresh arrays would be."""
+
+    def __init__(self, count: int, height: int, width: int, instances: int, seed: int = 0):
+        import torch
+
+        from maskrcnn.boxes import masks_to_boxes
+
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[:height, :width]
+        self.items = []
+        for _ in range(count):
+            img, ellipses = scene(rng, height, width, instances)
+            masks = torch.from_numpy(np.stack([((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+                                               for cy, cx, ry, rx, _ in ellipses]))
+            self.items.append((torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(),
+                               {"masks": masks, "boxes": masks_to_boxes(masks),
+                                "labels": torch.tensor([e[4] for e in ellipses])}))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        image, target = self.items[index]
+        return image.clone(), {k: v.clone() for k, v in target.items()}
+
+
+def median_seconds(fn, reps: int) -> float:
+    """Median wall time of ``reps`` calls of ``fn`` (CUDA synchronised)."""
+    import torch
+
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def split(args) -> None:
+    """The step's time split and the Trainer's wall time per step (see the module's docstring)."""
+    import torch
+
+    from maskrcnn import Config, MaskRCNN
+    from maskrcnn.data.dataset import collate
+    from maskrcnn.engine.hooks import HookBase
+    from maskrcnn.engine.trainer import Trainer, seed_everything
+    from maskrcnn.model import training
+
+    torch.set_num_threads(args.threads)
+    height, width = map(int, args.size.split("x"))
+    device = torch.device(args.device)
+    config = Config.preset(args.preset, num_classes=4, backbone=args.backbone, images_per_gpu=args.batch,
+                           warmup_steps=0, **(THIN if args.thin else {}))
+    seed_everything(0)
+    model = MaskRCNN(config).to(device).train()
+    items = EllipseItems(2 * args.batch, height, width, INSTANCES)
+    images, targets = collate([items[i] for i in range(args.batch)])
+    on_device = [im.to(device) for im in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
+    def prepare_all():
+        return collate([training.prepare_training_item(im, t, config) for im, t in zip(images, targets)])
+
+    per_image = median_seconds(prepare_all, args.reps) / args.batch
+    prepared = prepare_all()
+    moved = [im.to(device) for im in prepared[0]], [{k: v.to(device) if torch.is_tensor(v) else v
+                                                      for k, v in t.items()} for t in prepared[1]]
+    before = median_seconds(lambda: training.mold_training_batch(model, *on_device), args.reps)
+    after = median_seconds(lambda: training.mold_training_batch(model, *moved), args.reps)
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        sum(training.batch_losses(model, *training.mold_training_batch(model, *moved)).values()).backward()
+
+    forward_backward()  # warm-up (cuDNN autotuning, caches)
+    rest = median_seconds(forward_backward, max(1, args.reps // 2)) - after
+    print(f"{args.preset} preset{' (thin heads)' if args.thin else ''}, {config.backbone}, "
+          f"batch {args.batch} x {args.size}, {INSTANCES} instances, {device}, {torch.get_num_threads()} thread(s), "
+          f"image_resize_mode={config.image_resize_mode}, use_mini_mask={config.use_mini_mask}")
+    print(f"  preparation in the step, before (per-image resize + batching): {before * 1e3:7.0f} ms")
+    print(f"  preparation in the step, now (normalise, pad, stack):           {after * 1e3:7.0f} ms")
+    print(f"  per-image preparation, now in the workers:                      {per_image * 1e3:7.0f} ms an image")
+    print(f"  forward + backward (losses from the molded batch):              {rest * 1e3:7.0f} ms", flush=True)
+
+    class StepTimes(HookBase):
+        def __init__(self):
+            self.stamps = [time.perf_counter()]
+
+        def after_step(self):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+
+    walls = {True: [], False: []}
+    busy = {True: [], False: []}
+    for _ in range(args.rounds):
+        for in_workers in (False, True):
+            seed_everything(0)
+            model = MaskRCNN(config).to(device)
+            times = StepTimes()
+            samples, stop = [], threading.Event()
+            sampler = threading.Thread(target=sample_utilisation, args=(samples, stop), daemon=True)
+            with tempfile.TemporaryDirectory() as out:
+                trainer = Trainer(model, items, out, config, num_workers=args.workers, progress=False,
+                                  checkpoint_every=0, log_every=10 ** 6, hooks=(times,),
+                                  prepare_in_workers=in_workers)
+                sampler.start()
+                trainer.fit(args.steps)
+                stop.set()
+                sampler.join()
+            steps = np.diff(times.stamps)[1:]  # the first waits for the workers' first batch
+            walls[in_workers].extend(steps.tolist())
+            started = times.stamps[1]
+            busy[in_workers].extend(u for t, u in samples if t > started)
+    for in_workers, label in ((False, "preparing in the step (before)"), (True, "preparing in the workers (now)")):
+        util = f", GPU utilisation mean {statistics.mean(busy[in_workers]):.0f}%" if busy[in_workers] else ""
+        print(f"  Trainer, {args.workers} workers, {label}: {statistics.median(walls[in_workers]):.3f} s a step "
+              f"(median of {len(walls[in_workers])}){util}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=32)
@@ -71,11 +220,20 @@ def main(argv=None) -> None:
     ap.add_argument("--size", default="800x1066", help="image height x width")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip", type=float, default=20.0, help="seconds of start-up left out")
+    ap.add_argument("--split", action="store_true", help="the step's time split and wall time per step instead")
+    ap.add_argument("--preset", default="matterport", help="--split: the config preset")
+    ap.add_argument("--backbone", default="resnet101", help="--split: the backbone (resnet18 on a CPU)")
+    ap.add_argument("--thin", action="store_true", help="--split: the demo's narrow FPN, heads and ROI counts")
+    ap.add_argument("--reps", type=int, default=5, help="--split: repetitions of each timing")
+    ap.add_argument("--rounds", type=int, default=1, help="--split: interleaved Trainer runs of each kind")
+    ap.add_argument("--threads", type=int, default=1, help="--split: torch threads of the main process")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `maskrcnn train` arguments")
     args = ap.parse_args(argv)
+    if args.split:
+        return split(args)
     scratch = Path(tempfile.mkdtemp(prefix="maskrcnn_util_"))
     height, width = map(int, args.size.split("x"))
-    ann = write_dataset(scratch / "data", args.images, height, width, 8)
+    ann = write_dataset(scratch / "data", args.images, height, width, INSTANCES)
     cmd = [sys.executable, "-m", "maskrcnn.cli", "train", "--coco", str(ann), "--images", str(scratch / "data" / "images"),
            "--out", str(scratch / "run"), "--steps", str(args.steps), "--device", args.device,
            "--workers", str(args.workers), "--checkpoint-every", str(args.steps),
