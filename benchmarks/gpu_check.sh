@@ -20,13 +20,16 @@ echo "## CUDA tests"
 timeout 150 python3 -m pytest tests/test_cuda.py tests/test_amp.py -q -p no:cacheprovider 2>&1 | tail -15
 echo "## GPU training benchmark"
 if [ "$mode" = quick ]; then
-  timeout 300 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark on \
-    --variants ours,ours-nchw,ours-nhwc --reps 3 --warmup 2 --profile
+  # issue 13's table at batch 8 (ROI counts printed for both models), then the step's split
+  timeout 240 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark on,off --reps 3
+  timeout 150 python3 benchmarks/gpu_train_utilisation.py --split --device cuda --batch 8 --workers 4 --steps 10
   exit 0
 fi
 timeout 150 python3 benchmarks/bench_gpu_train.py --cases small,large --amp fp32,bf16 --cudnn-benchmark on,off --reps 4
 echo "## GPU inference benchmark"
 timeout 100 python3 benchmarks/bench_inference.py --device cuda --reps 5 --stage-reps 1 --no-flops
+echo "## Training step split: preparation in the step vs in the DataLoader workers (batch 8)"
+timeout 150 python3 benchmarks/gpu_train_utilisation.py --split --device cuda --batch 8 --workers 4 --steps 10
 echo "## GPU utilisation during maskrcnn train (800x1066 COCO, batch 4, 4 workers)"
 timeout 90 python3 benchmarks/gpu_train_utilisation.py --images 32 --steps 40 --batch 4 --workers 4 --skip 25 \
   --extra --set backbone=resnet50
