@@ -189,12 +189,12 @@ needs_nnpack = pytest.mark.skipif(not conv.nnpack_available(), reason="this PyTo
 
 
 @needs_nnpack
-@pytest.mark.parametrize("shape", [(1, 64, 60, 70), (13, 256, 14, 14), (2, 128, 37, 51)])
+@pytest.mark.parametrize("shape", [(1, 128, 60, 70), (31, 256, 14, 14), (4, 128, 37, 51)])
 def test_winograd_convolution_equals_direct(shape):
     """NNPACK's Winograd 3x3 = the direct convolution to ~1e-5 of the output's scale, from NCHW
     and channels-last input, with a module's weights and with given (folded) ones."""
     g = torch.Generator().manual_seed(shape[1])
-    layer = nn.Conv2d(shape[1], 32, 3, padding=1)
+    layer = nn.Conv2d(shape[1], 128, 3, padding=1)
     x = torch.randn(*shape, generator=g)
     weight, bias = layer.weight * 0.5, layer.bias + 1
     with torch.inference_mode():
@@ -214,16 +214,20 @@ def test_winograd_convolution_equals_direct(shape):
 
 @needs_nnpack
 def test_winograd_applies_only_where_it_should():
-    layer = nn.Conv2d(16, 16, 3, padding=1)
-    big, small = torch.randn(1, 16, 60, 60), torch.randn(1, 16, 20, 20)
+    c = conv.MIN_CHANNELS
+    layer = nn.Conv2d(c, c, 3, padding=1)
+    big, small = torch.randn(1, c, 60, 60), torch.randn(1, c, 20, 20)
+    crops, few_crops = torch.randn(31, c, 14, 14), torch.randn(30, c, 14, 14)
     with torch.inference_mode():
         assert not conv.applies(big, layer)  # outside the context
         with conv.winograd():
-            assert conv.applies(big, layer)
+            assert conv.applies(big, layer) and conv.applies(crops, layer)
             assert not conv.applies(small, layer)  # fewer than MIN_PIXELS outputs
+            assert not conv.applies(few_crops, layer)  # fewer than MIN_BATCHED_PIXELS
             assert not conv.applies(big.double(), layer)
-            for other in (nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.Conv2d(16, 16, 1),
-                          nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.Conv2d(16, 16, 3, padding=2, dilation=2)):
+            for other in (nn.Conv2d(c, c, 3, stride=2, padding=1), nn.Conv2d(c, c, 1),
+                          nn.Conv2d(c, c, 3, padding=1, groups=2), nn.Conv2d(c, c, 3, padding=2, dilation=2),
+                          nn.Conv2d(c, c // 2, 3, padding=1)):  # thin
                 assert not conv.applies(big, other)
             with conv.winograd(False):
                 assert not conv.applies(big, layer)

@@ -2,10 +2,10 @@
 
 A 3x3 convolution computed directly costs 9 multiply-adds per input channel, output channel and
 pixel; Winograd's F(6x6, 3x3) transform (Lavin & Gray 2016), which NNPACK implements and PyTorch
-ships on x86-64 and ARM CPUs, computes 6x6 output tiles from 8x8 input tiles with 64 instead of
+ships in its CPU builds, computes 6x6 output tiles from 8x8 input tiles with 64 instead of
 324 products per channel pair.  On the 3x3 256->256 convolutions of the FPN, the RPN and the mask
 head, the largest share of Mask R-CNN's arithmetic, it runs 2-2.5x faster than oneDNN's direct
-convolution at P2/P3 sizes (2 threads; ``benchmarks/bench_inference.py --convs`` measures it).
+convolution at P2/P3 sizes (2 threads; ``benchmarks/bench_ablation.py`` measures it end to end).
 
 The transforms round differently from a direct sum.  Against float64, one such convolution on a
 P2-sized map is off by up to 1.4e-5 of the output's largest magnitude (rms 4.5e-6), where
@@ -15,8 +15,9 @@ within 1e-3 px, scores within 1e-5 on the benchmark's images and the parity test
 ``Config.cpu_inference_conv = "direct"`` turns it off.
 
 It is used only where it is faster and safe: a CPU, float32, autograd off, outside export, a 3x3
-stride-1 padding-1 convolution without groups, at least :data:`MIN_PIXELS` output pixels over the
-batch, and NNPACK present.  NNPACK reads and writes NCHW: :func:`convolve` returns NCHW there
+stride-1 padding-1 convolution without groups, at least :data:`MIN_CHANNELS` channels in and out,
+at least :data:`MIN_PIXELS` output pixels (:data:`MIN_BATCHED_PIXELS` over a batch), and NNPACK
+present.  NNPACK reads and writes NCHW: :func:`convolve` returns NCHW there
 (the callers keep those maps NCHW) and leaves other convolutions' layouts as they were.
 """
 from __future__ import annotations
@@ -29,9 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Fewest output pixels (N x H x W) for which Winograd is used: below it, the transforms cost more
-#: than they save (measured on 256->256: 25x34 and ten 14x14 crops ran slower than oneDNN).
+#: Fewest output pixels (H x W) of one image for which Winograd is used: below it the transforms
+#: save little or nothing (256->256, 2 threads: 50x67 ran in 0.54x oneDNN's time, 25x34 in 0.93x).
 MIN_PIXELS = 2500
+#: The same for a batch of N > 1 (NNPACK's batched algorithm; N x H x W): 20 mask crops of 14x14
+#: ran 1.17x oneDNN's time, 50 crops 0.81x, 100 crops 0.58x.
+MIN_BATCHED_PIXELS = 6000
+#: Fewest input and output channels: thin convolutions run slower (2 threads: 32 channels at
+#: 256x256 2.0x oneDNN's time, 64 at 64x64 1.8x; 128 at 100x134 0.56x).
+MIN_CHANNELS = 128
 
 _state = threading.local()
 
@@ -63,7 +70,8 @@ def applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
             and not torch.is_grad_enabled() and not torch.compiler.is_exporting()
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and x.dim() == 4
-            and x.shape[0] * x.shape[2] * x.shape[3] >= MIN_PIXELS)
+            and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+            and x.shape[0] * x.shape[2] * x.shape[3] >= (MIN_PIXELS if x.shape[0] == 1 else MIN_BATCHED_PIXELS))
 
 
 def convolve(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor | None = None,
