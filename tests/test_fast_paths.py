@@ -261,3 +261,17 @@ def test_nchw_features_are_pooled_channels_last():
         assert all(o.is_contiguous(memory_format=torch.channels_last) for o in out)
         assert out[1] is maps[1] and torch.equal(out[0], maps[0])
     assert RA.pooling_layout(maps)[0] is maps[0]  # autograd on: unchanged
+
+
+def test_mask_head_logits_of_the_given_classes_only():
+    """``class_ids``: each ROI's class map of the full logits, NCHW or channels-last input."""
+    from maskrcnn.model.heads import MaskHead
+    head = MaskHead(16, 7, channels=16, use_bn=False)
+    crops = torch.randn(5, 16, 14, 14)
+    ids = torch.tensor([3, 0, 6, 3, 1])
+    with torch.inference_mode():
+        full = head(crops)
+        for x in (crops, crops.contiguous(memory_format=torch.channels_last)):
+            picked = head(x, ids)
+            assert picked.shape == (5, 28, 28)
+            torch.testing.assert_close(picked, full[torch.arange(5), ids], atol=1e-5, rtol=1e-5)

@@ -201,11 +201,13 @@ class MaskRCNN(nn.Module):
         """Box head on each image's ROIs: (logits [sum R_i, C], deltas [sum R_i, C, 4])."""
         return self.box_head(self.roi_features(features, rois, self.config.pool_size, image_shape))
 
-    def mask_logits(self, features, boxes: list[torch.Tensor], image_shape) -> torch.Tensor:
-        """Mask head on boxes: [sum D_i, num_classes, 2*mask_pool, 2*mask_pool] logits."""
+    def mask_logits(self, features, boxes: list[torch.Tensor], image_shape,
+                    class_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask head on boxes: [sum D_i, num_classes, 2*mask_pool, 2*mask_pool] logits, or with
+        ``class_ids`` [sum D_i] each box's class only, [sum D_i, 2*mask_pool, 2*mask_pool]."""
         crops = self.roi_features(features, boxes, self.config.mask_pool_size, image_shape)
         with self.winograd():
-            return self.mask_head(crops)
+            return self.mask_head(crops, class_ids)
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
@@ -264,10 +266,10 @@ class MaskRCNN(nn.Module):
                 cfg.detection_nms_threshold, cfg.detection_max_instances, cfg.detection_min_size,
                 cfg.bbox_decode_clip)
             out.append(dict(rpn_rois=r, boxes=boxes, class_ids=class_ids, scores=scores))
-        mask_logits = self.mask_logits(features, [o["boxes"] for o in out], image_shape)
+        mask_logits = self.mask_logits(features, [o["boxes"] for o in out], image_shape,
+                                       torch.cat([o["class_ids"] for o in out]))
         for o, logits in zip(out, mask_logits.split([o["boxes"].shape[0] for o in out])):
-            picked = logits[torch.arange(logits.shape[0], device=logits.device), o["class_ids"]]
-            o["mask_probs"] = torch.sigmoid(picked)
+            o["mask_probs"] = torch.sigmoid(logits)
         return out
 
     # ------------------------------------------------------------------ training
