@@ -86,9 +86,9 @@ class RoiCounts:
             self._add(0, (out[1] > 0).sum())
             return out
 
-        def our_mask_logits(model, features, boxes, image_shape):
+        def our_mask_logits(model, features, boxes, image_shape, class_ids=None):
             self._add(1, sum(len(b) for b in boxes))
-            return mask_logits(model, features, boxes, image_shape)
+            return mask_logits(model, features, boxes, image_shape, class_ids)
 
         roi_heads.RoIHeads.select_training_samples = tv_select
         roi_heads.maskrcnn_loss = tv_mask_loss
@@ -169,6 +169,31 @@ def profile(fn, label: str, rows: int = 15) -> None:
     print("```", flush=True)
 
 
+def training_flops(cases: list[str]) -> None:
+    """Print the FLOPs of one fp32 training iteration (forward and backward) of torchvision's
+    model and ours on each case's batch, counted by FlopCounterMode on the CPU: equal counts
+    mean a GPU gap is kernels and scheduling, not arithmetic."""
+    from torch.utils.flop_counter import FlopCounterMode
+    print("| case | torchvision GFLOP | ours GFLOP | ours / torchvision |")
+    print("|---|---:|---:|---:|", flush=True)
+    for case in cases:
+        n, h, w, k = CASES[case]
+        images, targets = batch(n, h, w, k)
+        torch.manual_seed(0)
+        tv = build_torchvision(min(h, w), max(h, w))
+        ours = build_ours(tv, min(h, w), max(h, w))
+        ours.set_trainable("3+")
+        flops = {}
+        for name, model, inputs in (("tv", tv, [im.float() / 255 for im in images]), ("ours", ours, images)):
+            model.train()
+            torch.manual_seed(0)  # the same ROI sampling draws, as far as the samplers share them
+            with FlopCounterMode(display=False) as counter:
+                sum(model(inputs, targets).values()).backward()
+            flops[name] = counter.get_total_flops() / 1e9
+        print(f"| {n}x{h}x{w}, {k} inst | {flops['tv']:.1f} | {flops['ours']:.1f} | {flops['ours'] / flops['tv']:.3f} |",
+              flush=True)
+
+
 def build_models(h: int, w: int, variants: list[str]):
     """torchvision's model and ours converted from it (one per variant), on the GPU, training."""
     tv = build_torchvision(min(h, w), max(h, w))
@@ -191,7 +216,10 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--flops", action="store_true", help="only count each case's training FLOPs (CPU, no GPU needed)")
     args = ap.parse_args(argv)
+    if args.flops:
+        return training_flops(args.cases.split(","))
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, TF32 off, "
