@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gpu_train.py                       # the table in README's GPU section
     python benchmarks/bench_gpu_train.py --cases large --amp bf16 --profile
+    python benchmarks/bench_gpu_train.py --flops --cases small     # on any machine
 
 Each case is one SGD iteration (forward, backward, step) on a fixed batch of smooth images with
 elliptic instances: "small" is the CPU benchmark's 2 x 512x512 with 3 instances, "large" is
@@ -11,6 +12,7 @@ the torchvision preset converted from it.  The models run interleaved (one itera
 round) so clock and thermal drift hit both alike; times are medians.  Peak memory is
 ``torch.cuda.max_memory_allocated`` during one iteration above what was allocated before it.
 ``--profile`` prints the 15 costliest CUDA kernels of one iteration of ours and of torchvision.
+``--flops`` only counts one iteration's FLOPs of each, on the CPU (no GPU needed).
 
 After each row group, a line per model gives every iteration's positive ROIs (summed over the
 batch) and the mask head's batch, warm-up included: the mask head's convolutions are autotuned
