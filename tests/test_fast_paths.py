@@ -121,19 +121,37 @@ def test_cpu_roi_align_equals_torchvision(sampling_ratio, output_size, channels_
 
 
 def test_cpu_crop_and_resize_equals_gather_path():
-    """Without autograd crop_and_resize pools with embedding_bag; with it, by gathering corners:
-    the same values to rounding, boxes beyond [0, 1] and one-sample crops included."""
+    """On a CPU crop_and_resize pools with embedding_bag; on a GPU and in export by gathering
+    corners: the same values and gradients to rounding, boxes beyond [0, 1] and one-sample
+    crops included."""
     g = torch.Generator().manual_seed(5)
     feature = torch.randn(2, 8, 33, 47, generator=g).contiguous(memory_format=torch.channels_last)
     rois = random_rois(200, g, extent=1.0)
     index, boxes = rois[:, 0].long(), rois[:, 1:]
     for size in [(14, 14), (7, 5), (1, 1)]:
-        with torch.enable_grad():
-            ref = RA.crop_and_resize(feature.requires_grad_(), boxes, index, size).detach()
-        feature.requires_grad_(False)
-        with torch.no_grad():
-            fast = RA.crop_and_resize(feature, boxes, index, size)
+        upstream = torch.randn(200, 8, *size, generator=g)
+        results = []
+        for bags in (False, True):
+            leaf = feature.clone().requires_grad_()
+            out = RA.crop_and_resize(leaf, boxes, index, size, bags=bags)
+            out.backward(upstream)
+            results.append((out.detach(), leaf.grad))
+        (ref, ref_grad), (fast, fast_grad) = results
         torch.testing.assert_close(fast, ref, atol=2e-6, rtol=0)
+        torch.testing.assert_close(fast_grad, ref_grad, atol=1e-5, rtol=0)
+
+
+def test_cpu_roi_align_gradient_equals_torchvision():
+    """The embedding_bag pooling's backward (CPU training) = torchvision roi_align's, to rounding."""
+    g = torch.Generator().manual_seed(11)
+    feature = torch.randn(2, 16, 40, 52, generator=g)
+    rois = random_rois(300, g)
+    upstream = torch.randn(300, 16, 7, 7, generator=g)
+    ref_leaf = feature.clone().requires_grad_()
+    roi_align(ref_leaf, rois, 7, 0.25, 2, aligned=False).backward(upstream)
+    leaf = feature.contiguous(memory_format=torch.channels_last).requires_grad_()
+    RA.roi_align_cpu(leaf, rois, 7, 0.25, 2).backward(upstream)
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, atol=1e-5, rtol=0)
 
 
 def test_fast_path_detections_equal_reference_path():
@@ -260,7 +278,6 @@ def test_nchw_features_are_pooled_channels_last():
         out = RA.pooling_layout(maps)
         assert all(o.is_contiguous(memory_format=torch.channels_last) for o in out)
         assert out[1] is maps[1] and torch.equal(out[0], maps[0])
-    assert RA.pooling_layout(maps)[0] is maps[0]  # autograd on: unchanged
 
 
 def test_mask_head_logits_of_the_given_classes_only():

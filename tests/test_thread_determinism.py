@@ -4,11 +4,13 @@ crop_and_resize once gathered its bilinear corners with ``feats[b, rows, cols]``
 (``index_put_`` with accumulate) adds the gradients of a pixel shared by many samples with
 atomic adds across threads on a CPU: the order of those float additions, so the P2 gradient,
 changed from run to run (from the second step of a seeded run).  With one thread it cannot show.
+Both poolings are checked: the corner gather (GPU, export) and, on a CPU, ``embedding_bag``.
 """
 import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from maskrcnn import MaskRCNN
@@ -29,7 +31,8 @@ def with_threads(fn):
         torch.set_num_threads(threads)
 
 
-def test_crop_and_resize_gradient_is_the_same_every_time():
+@pytest.mark.parametrize("bags", [False, True])
+def test_crop_and_resize_gradient_is_the_same_every_time(bags):
     torch.manual_seed(0)
     # A P2-like channels-last map and many small boxes: neighbouring samples share corner pixels.
     features = torch.randn(2, 64, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -40,14 +43,14 @@ def test_crop_and_resize_gradient_is_the_same_every_time():
 
     def gradient():
         features.grad = None
-        crop_and_resize(features, boxes, indices, (14, 14)).backward(upstream)
+        crop_and_resize(features, boxes, indices, (14, 14), bags=bags).backward(upstream)
         return features.grad.clone()
 
     grads = with_threads(lambda: [gradient() for _ in range(6)])
     assert all(torch.equal(grads[0], g) for g in grads[1:])
     # and it is the gradient: the float64 one, rounded
     exact = features.detach().double().requires_grad_()
-    crop_and_resize(exact, boxes.double(), indices, (14, 14)).backward(upstream.double())
+    crop_and_resize(exact, boxes.double(), indices, (14, 14), bags=bags).backward(upstream.double())
     torch.testing.assert_close(grads[0], exact.grad.float(), rtol=1e-5, atol=1e-4)
 
 
