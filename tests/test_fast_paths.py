@@ -184,25 +184,6 @@ def test_fast_path_detections_equal_reference_path():
         assert_same_detections(r, d)
 
 
-def test_box_head_reads_channels_last_crops_without_a_copy():
-    """fc6 on channels-last crops (permuted cached weight) = fc6 on the NCHW flatten, and the
-    cache follows a weight update."""
-    from maskrcnn.model.heads import BoxHead
-    head = BoxHead(16, 7, 5, fc_size=32, kind="mlp")
-    crops = torch.randn(9, 16, 7, 7)
-    with torch.inference_mode():
-        expected = head(crops)
-        fast = head(crops.contiguous(memory_format=torch.channels_last))
-    for e, f in zip(expected, fast):
-        torch.testing.assert_close(f, e, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        head.fc6.weight.mul_(2)
-    with torch.inference_mode():
-        expected = head(crops)
-        fast = head(crops.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(fast[0], expected[0], atol=1e-5, rtol=1e-5)
-
-
 needs_nnpack = pytest.mark.skipif(not conv.nnpack_available(), reason="this PyTorch build has no NNPACK")
 
 

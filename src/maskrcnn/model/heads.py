@@ -43,26 +43,9 @@ class BoxHead(nn.Module):
             x = conv_norm(self.conv1, self.bn1, x, True, self.fold_bn)
             x = conv_norm(self.conv2, self.bn2, x, True, self.fold_bn).flatten(1)
         else:
-            x = F.relu_(self._fc6(x))
+            x = F.relu_(self.fc6(x.flatten(1)))
             x = F.relu_(self.fc7(x))
         return self.class_logits(x), self.bbox(x).reshape(-1, self.num_classes, 4)
-
-
-    def _fc6(self, x: torch.Tensor) -> torch.Tensor:
-        """fc6 on [R, C, p, p] crops.  Crops in channels-last order (the CPU's ROI pooling gives
-        them) are flattened as (p, p, C) against fc6's weight permuted to match, cached while
-        autograd is off: the same sums without an NCHW copy of the crops (~20 ms at 1000 ROIs)."""
-        if torch.is_grad_enabled() or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-            return self.fc6(x.flatten(1))
-        weight = self.fc6.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, x.shape[1:])
-        cached = self.__dict__.get("_fc6_channels_last")
-        if cached is None or cached[0] != key:
-            c, p = x.shape[1], x.shape[2:]
-            permuted = weight.view(weight.shape[0], c, *p).permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-            cached = (key, permuted.contiguous())
-            self.__dict__["_fc6_channels_last"] = cached
-        return F.linear(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1), cached[1], self.fc6.bias)
 
 
 class MaskHead(nn.Module):

@@ -174,8 +174,9 @@ def fast_pooling(feature: torch.Tensor) -> bool:
 
 
 def pooling_layout(features: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The maps as ROI pooling reads them fastest: channels-last on a CPU (each NCHW map, e.g. a Winograd convolution's output, copied once for the box and the mask
-    pooling both), unchanged elsewhere."""
+    """The maps as ROI pooling reads them fastest: channels-last on a CPU (each NCHW map, e.g. a
+    Winograd convolution's output, copied once for the box and the mask pooling both),
+    unchanged elsewhere."""
     if not features or not fast_pooling(features[0]):
         return features
     return [f.contiguous(memory_format=torch.channels_last) for f in features]
