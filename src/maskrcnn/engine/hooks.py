@@ -61,9 +61,25 @@ class HookBase:
         pass
 
 
-def periodic_step_due(trainer, every: int) -> bool:
-    """True at every ``every``-th step except the last (``after_train`` handles that one)."""
-    return bool(every) and trainer.step % every == 0 and not trainer.is_last_step()
+class PeriodicHook(HookBase):
+    """:meth:`run` every ``every`` steps (0 = only at the end) and after the last step, unless
+    it has just run there.  Subclasses set ``every`` and record in ``last_step`` the step
+    :meth:`run` last ran at."""
+
+    every: int = 0
+    last_step: int | None = None
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if self.every and t.step % self.every == 0 and not t.is_last_step():  # after_train does the last
+            self.run()
+
+    def after_train(self) -> None:
+        if self.last_step != self.trainer.step:
+            self.run()
+
+    def run(self) -> None:
+        raise NotImplementedError
 
 
 class TimeBudget(HookBase):
@@ -149,7 +165,7 @@ class MetricsLogger(HookBase):
         self.window = list(state.get("window", []))
 
 
-class Evaluation(HookBase):
+class Evaluation(PeriodicHook):
     """``evaluate(model) -> {name: value}`` in eval mode on rank 0 every ``every`` steps (0 =
     only at the end) and after the last step; logged as ``val/<name>``.
 
@@ -168,14 +184,6 @@ class Evaluation(HookBase):
         self.stale = 0  # evaluations since the best
         self.last_step: int | None = None
         self.metrics: dict = {}
-
-    def after_step(self) -> None:
-        if periodic_step_due(self.trainer, self.every):
-            self.run()
-
-    def after_train(self) -> None:
-        if self.last_step != self.trainer.step:
-            self.run()
 
     def run(self) -> dict:
         """Evaluate now, log, update the best model and the patience count."""
@@ -222,24 +230,15 @@ class Evaluation(HookBase):
         self.stale, self.last_step = int(state.get("stale", 0)), state.get("last_step")
 
 
-class Checkpointer(HookBase):
+class Checkpointer(PeriodicHook):
     """A checkpoint every ``every`` steps (0 = only at the end) and after the last step."""
 
     def __init__(self, every: int):
         self.every = every
-        self.saved_step: int | None = None
 
-    def after_step(self) -> None:
-        if periodic_step_due(self.trainer, self.every):
-            self.save()
-
-    def after_train(self) -> None:
-        if self.saved_step != self.trainer.step:
-            self.save()
-
-    def save(self) -> None:
+    def run(self) -> None:
         self.trainer.save()
-        self.saved_step = self.trainer.step
+        self.last_step = self.trainer.step
 
 
 def ap_evaluator(dataset, class_names: list[str], batch_size: int = 4, progress: bool = True):
