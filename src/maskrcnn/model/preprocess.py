@@ -58,6 +58,14 @@ def as_hwc_uint8(image) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
+def as_chw_uint8(image) -> torch.Tensor:
+    """An RGB image as a [3, H, W] uint8 tensor: such a tensor as it is (on its device), anything
+    else through :func:`as_hwc_uint8` (on the CPU)."""
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] == 3:
+        return image
+    return torch.from_numpy(as_hwc_uint8(image)).permute(2, 0, 1)
+
+
 def _linear_taps(n_in: int, n_out: int):
     """Sampling along one axis of length ``n_in`` resized to ``n_out``: output pixel k reads input
     position ``(k + 0.5) * n_in / n_out - 0.5`` (pixel centres), between pixels ``start`` and
@@ -193,11 +201,7 @@ def mold_images(images, config, device) -> tuple[torch.Tensor, list[ImageMeta]]:
     molded, metas = [], []
     for image in images:
         if config.image_resize_mode == "torchvision":
-            if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.dim() == 3 \
-                    and image.shape[0] == 3:
-                t = image.to(device)
-            else:
-                t = torch.from_numpy(as_hwc_uint8(image)).permute(2, 0, 1).to(device)
+            t = as_chw_uint8(image).to(device)
             x, window, scale = mold_torchvision(t, config.mean_pixel, config.std_pixel or (255.0,) * 3,
                                                 config.image_min_dim, config.image_max_dim)
             original = tuple(t.shape[-2:])

@@ -27,8 +27,8 @@ from .. import boxes as box_ops
 from ..config import MASK_BATCH_BUCKET_CUDA
 from ..errors import DataError
 from . import losses as L
-from .preprocess import (ImageMeta, as_hwc_uint8, mold_images, mold_resized_images, resize_bilinear_uint8,
-                         resize_matterport, torchvision_scale, torchvision_size)
+from .preprocess import (ImageMeta, as_chw_uint8, as_hwc_uint8, mold_images, mold_resized_images,
+                         resize_bilinear_uint8, resize_matterport, torchvision_scale, torchvision_size)
 from .targets import build_detection_targets, build_rpn_targets, keep_largest, minimize_masks, random_rois
 
 
@@ -205,9 +205,7 @@ def prepare_training_item(image, target: dict, config, device=None) -> tuple[tor
     if config.image_resize_mode == "crop":
         image, target = random_crop(image, target, config.image_min_dim, config.image_min_scale)
     if config.image_resize_mode == "torchvision":
-        if not (isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.dim() == 3
-                and image.shape[0] == 3):
-            image = torch.from_numpy(as_hwc_uint8(image)).permute(2, 0, 1)
+        image = as_chw_uint8(image)
         h, w = image.shape[-2:]
         scale = torchvision_scale(h, w, config.image_min_dim, config.image_max_dim)
         meta = ImageMeta((int(h), int(w)), (0, 0, *torchvision_size(h, w, scale)), scale)
