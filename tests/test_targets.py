@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from torchvision.ops import box_iou
+
 from maskrcnn.model.targets import build_detection_targets, build_rpn_targets
 
 GT = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
@@ -36,6 +38,28 @@ def test_rpn_best_anchor_of_each_gt_is_positive_ties_included():
     ])
     labels, _ = build_rpn_targets(anchors, GT, NO_CROWD)
     assert labels.tolist() == [1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("block", [3, 8, 40, 1 << 22])
+def test_rpn_targets_do_not_depend_on_the_iou_block(monkeypatch, block):
+    """The anchors x gt IoU matrix is computed in blocks of IOU_BLOCK_ELEMENTS entries (one block
+    when it fits): labels and deltas are the same however it is cut, including a gt's best anchors
+    tied across blocks."""
+    from maskrcnn.model import targets
+    g = torch.Generator().manual_seed(0)
+    corners = torch.rand(500, 2, generator=g) * 80
+    anchors = torch.cat([corners, corners + 4 + torch.rand(500, 2, generator=g) * 30], dim=1)
+    gt = torch.tensor([[10.0, 10.0, 30.0, 40.0], [50.0, 5.0, 90.0, 25.0], [0.0, 60.0, 12.0, 75.0]])
+    best = box_iou(anchors, gt).argmax(dim=0)
+    # an anchor near gt 0 (IoU >= 0.7) mid-way, and each gt's best anchor again at the end: ties
+    # far apart in row order
+    anchors = torch.cat([anchors[:250], torch.tensor([[10.0, 10.0, 30.0, 37.0]]), anchors[250:], anchors[best]])
+    crowd = torch.zeros(3, dtype=torch.bool)
+    expected = build_rpn_targets(anchors, gt, crowd, num_samples=10_000)
+    monkeypatch.setattr(targets, "IOU_BLOCK_ELEMENTS", block)
+    labels, deltas = build_rpn_targets(anchors, gt, crowd, num_samples=10_000)
+    assert torch.equal(labels, expected[0]) and torch.equal(deltas, expected[1])
+    assert (labels == 1).sum() == 2 * 2 + 1  # gt 0's best is the near anchor; gts 1, 2 tie
 
 
 def test_rpn_gt_touching_no_anchor_makes_no_positive():

@@ -78,50 +78,58 @@ def _usable(gt_boxes: torch.Tensor, gt_crowd: torch.Tensor) -> torch.Tensor:
     return ~gt_crowd & (gt_boxes[:, 2] > gt_boxes[:, 0]) & (gt_boxes[:, 3] > gt_boxes[:, 1])
 
 
-#: Rows of an IoU matrix computed at a time.  Anchors x gt at 1024x1024 with 300 instances is
-#: 78M IoUs, and torchvision's box_iou adds [A, G, 2] temporaries (about 2 GB in all); a block of
-#: rows keeps it near 5 x 16384 x G floats (about 100 MB with 300 gt boxes).
-IOU_BLOCK_ROWS = 16384
+#: IoU entries (boxes x gt) computed at a time.  Anchors x gt at 1024x1024 with 300 instances is
+#: 78M IoUs, and torchvision's box_iou adds [A, G, 2] temporaries (about 2 GB in all); blocks of
+#: rows keep each temporary near 4M floats (16 MB).  The budget is in entries, not rows: with a
+#: few gt boxes every anchor of an 800x1066 image (213k) fits in one block, since on a GPU each
+#: block is a dozen tiny kernels whose launches, not their arithmetic, set the time (16384-row
+#: blocks were 13 blocks and two passes, ~1250 launches per image).
+IOU_BLOCK_ELEMENTS = 1 << 22
 
 
 def _iou_block(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
     """IoU [n, G] of boxes [n, 4] with gt_boxes [G, 4]: torchvision's ``box_iou`` arithmetic,
     the same floats, without its [n, G, 2] temporaries."""
-    area1 = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    area2 = (gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])
-    w = (torch.min(boxes[:, None, 2], gt_boxes[None, :, 2]) - torch.max(boxes[:, None, 0], gt_boxes[None, :, 0]))
-    h = (torch.min(boxes[:, None, 3], gt_boxes[None, :, 3]) - torch.max(boxes[:, None, 1], gt_boxes[None, :, 1]))
-    inter = w.clamp_(min=0) * h.clamp_(min=0)
-    del w, h
-    union = area1[:, None] + area2 - inter
+    bx1, by1, bx2, by2 = boxes[:, None].unbind(-1)
+    gx1, gy1, gx2, gy2 = gt_boxes.unbind(-1)
+    area1 = (bx2 - bx1) * (by2 - by1)
+    area2 = (gx2 - gx1) * (gy2 - gy1)
+    inter = (torch.min(bx2, gx2) - torch.max(bx1, gx1)).clamp_(min=0)
+    inter *= (torch.min(by2, gy2) - torch.max(by1, gy1)).clamp_(min=0)
+    union = area1 + area2 - inter
     return inter.div_(union)
 
 
-def _match(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best ground truth of each box, a block of rows at a time.
+def _match(boxes: torch.Tensor, gt_boxes: torch.Tensor, with_gt_best: bool = False):
+    """Best ground truth of each box, and optionally which boxes are some gt's best match.
 
     boxes: [N, 4], gt_boxes: [G, 4] with G >= 1.
-    Returns (best IoU [N], best gt index [N] int64 (the first of ties), each gt's best IoU [G])."""
+    Returns (best IoU [N], best gt index [N] int64 (the first of ties), is_gt_best [N] bool or
+    None): ``is_gt_best`` (with ``with_gt_best``) marks the boxes that have some gt's highest
+    IoU over all boxes (ties included), when that IoU is > 0.  The IoU matrix is computed in
+    blocks of :data:`IOU_BLOCK_ELEMENTS`; in one block when it fits, else ``is_gt_best`` takes a
+    second pass, since it needs every gt's best IoU first."""
+    rows = max(1, IOU_BLOCK_ELEMENTS // gt_boxes.shape[0])
+    if boxes.shape[0] <= rows:
+        iou = _iou_block(boxes, gt_boxes)
+        best_iou, best_gt = iou.max(dim=1)
+        if not with_gt_best:
+            return best_iou, best_gt, None
+        gt_best = iou.amax(dim=0) if boxes.shape[0] else boxes.new_zeros(gt_boxes.shape[0])
+        return best_iou, best_gt, ((iou == gt_best) & (gt_best > 0)).any(dim=1)
     best_iou, best_gt = [], []
     gt_best = torch.zeros(gt_boxes.shape[0], dtype=boxes.dtype, device=boxes.device)
-    for start in range(0, boxes.shape[0], IOU_BLOCK_ROWS):
-        iou = _iou_block(boxes[start:start + IOU_BLOCK_ROWS], gt_boxes)
+    for start in range(0, boxes.shape[0], rows):
+        iou = _iou_block(boxes[start:start + rows], gt_boxes)
         value, index = iou.max(dim=1)
         best_iou.append(value)
         best_gt.append(index)
-        gt_best = torch.maximum(gt_best, iou.max(dim=0).values)
-    if not best_iou:
-        return boxes.new_zeros(0), torch.zeros(0, dtype=torch.int64, device=boxes.device), gt_best
-    return torch.cat(best_iou), torch.cat(best_gt), gt_best
-
-
-def _is_gt_best(boxes: torch.Tensor, gt_boxes: torch.Tensor, gt_best: torch.Tensor) -> torch.Tensor:
-    """[N] bool: the box has some gt's best IoU (ties included), when that IoU is > 0."""
-    out = []
-    for start in range(0, boxes.shape[0], IOU_BLOCK_ROWS):
-        iou = _iou_block(boxes[start:start + IOU_BLOCK_ROWS], gt_boxes)
-        out.append(((iou == gt_best[None, :]) & (gt_best[None, :] > 0)).any(dim=1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=boxes.device)
+        gt_best = torch.maximum(gt_best, iou.amax(dim=0))
+    is_best = None
+    if with_gt_best:
+        is_best = torch.cat([((_iou_block(boxes[start:start + rows], gt_boxes) == gt_best) & (gt_best > 0)).any(dim=1)
+                             for start in range(0, boxes.shape[0], rows)])
+    return torch.cat(best_iou), torch.cat(best_gt), is_best
 
 
 def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: torch.Tensor,
@@ -161,11 +169,10 @@ def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: t
     if objects.shape[0] == 0:
         labels[~crowd] = 0
     else:
-        best_iou, best_gt, gt_best = _match(anchors, objects)
-        labels[(best_iou < negative_iou) & ~crowd] = 0
         # Each gt's best anchor(s), ties included (Matterport), but not at IoU 0: an object no
         # anchor touches would otherwise make every anchor positive.
-        is_best = _is_gt_best(anchors, objects, gt_best)
+        best_iou, best_gt, is_best = _match(anchors, objects, with_gt_best=True)
+        labels[(best_iou < negative_iou) & ~crowd] = 0
         labels[is_best | (best_iou >= positive_iou)] = 1
 
     keep_pos, keep_neg = sample_balanced(labels == 1, labels == 0, num_samples, positive_ratio, generator)
