@@ -8,11 +8,12 @@ write of every activation (two with the ReLU done in place), which is most of th
 ResNet spends outside its convolutions on a CPU.
 
 The module parameters are never changed: the folded weight and bias are computed from them.
-Without autograd (``detect`` runs under ``inference_mode``) they are cached on the conv and
-recomputed only when one of the source tensors changes (its storage or its version counter:
-an optimiser step, ``load_state_dict``, ``.to(device)``); with autograd they are recomputed on
-every call, so gradients flow to the conv weight exactly as through the unfolded pair (for a
-FrozenBatchNorm2d through a small autograd function that keeps no folded copy for backward).
+Unless a gradient must flow to one of them (``detect`` under ``inference_mode``, or a frozen
+layer in training) they are cached on the conv and recomputed only when one of the source
+tensors changes (its storage or its version counter: an optimiser step, ``load_state_dict``,
+``.to(device)``); when one learns they are recomputed on every call, so gradients flow to the
+conv weight exactly as through the unfolded pair (for a FrozenBatchNorm2d through a small
+autograd function that keeps no folded copy for backward).
 
 Folding is a choice per module (its ``fold_bn`` attribute; :func:`set_bn_folding` sets it over a
 model).  The torchvision-style ResNet folds by default.  The Matterport style does not: the
@@ -59,22 +60,51 @@ def fold(conv: nn.Conv2d, norm: nn.Module, channels_last: bool = False, exact: b
     return weight, bias
 
 
-def _source_key(conv: nn.Module, norm: nn.Module, channels_last: bool) -> tuple:
-    tensors = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
-    return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors) + (channels_last,)
+def _source_key(tensors, *extra) -> tuple:
+    """What a cached function of ``tensors`` depends on: each one's storage, version counter
+    and dtype (an optimiser step, ``load_state_dict`` or ``.to()`` changes one of them), whether
+    it is computed under ``inference_mode`` (an inference tensor cannot enter autograd), and
+    ``extra``."""
+    return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors) + (
+        torch.is_inference_mode_enabled(),) + extra
+
+
+def _cached(owner: nn.Module, name: str, key: tuple, compute):
+    """``compute()``, kept in ``owner.__dict__[name]`` until ``key`` changes."""
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        cached = (key, compute())
+        owner.__dict__[name] = cached
+    return cached[1]
+
+
+def _learns(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def folded_params(conv: nn.Conv2d, norm: nn.Module, channels_last: bool = False):
-    """:func:`fold`, cached on ``conv`` when autograd is off (see the module docstring); with
-    autograd the fold runs in the conv's dtype on every call (its cost is per step)."""
-    if torch.is_grad_enabled():
+    """:func:`fold`, cached on ``conv`` unless a gradient must flow to one of its sources (see
+    the module docstring): a frozen layer in training folds once, not at every step.  When one
+    of them learns, the fold runs in the conv's dtype on every call (its cost is per step)."""
+    sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    if _learns(*sources):
         return fold(conv, norm, channels_last, exact=False)
-    key = _source_key(conv, norm, channels_last)
-    cached = conv.__dict__.get("_folded_cache")
-    if cached is None or cached[0] != key:
-        cached = (key, fold(conv, norm, channels_last))
-        conv.__dict__["_folded_cache"] = cached
-    return cached[1]
+    with torch.no_grad():
+        return _cached(conv, "_folded_cache", _source_key(sources, channels_last),
+                       lambda: fold(conv, norm, channels_last))
+
+
+def frozen_affine(norm: FrozenBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale [C], shift [C]) of a FrozenBatchNorm2d, ``y = x * scale + shift``; cached on the
+    norm while its buffers stay the same (in training that saves a handful of tiny kernels per
+    convolution and step, which on a GPU cost their launches)."""
+    sources = (norm.weight, norm.bias, norm.running_mean, norm.running_var)
+
+    def compute():
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        return scale, norm.bias - norm.running_mean * scale
+    with torch.no_grad():
+        return _cached(norm, "_affine_cache", _source_key(sources), compute)
 
 
 class _FrozenFoldedConv(torch.autograd.Function):
@@ -145,8 +175,7 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor, relu: bool = Fa
         out = convolve(conv, x)
     elif fold and isinstance(norm, FrozenBatchNorm2d) and torch.is_grad_enabled() and conv.weight.requires_grad \
             and isinstance(conv.padding, tuple):
-        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-        shift = norm.bias - norm.running_mean * scale
+        scale, shift = frozen_affine(norm)
         out = _FrozenFoldedConv.apply(x, conv.weight, conv.bias, scale, shift, conv.stride, conv.padding,
                                       conv.dilation, conv.groups)
     elif fold and is_foldable(norm):
