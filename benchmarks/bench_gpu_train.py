@@ -3,6 +3,7 @@
     python benchmarks/bench_gpu_train.py                       # the table in README's GPU section
     python benchmarks/bench_gpu_train.py --cases large --amp bf16 --profile
     python benchmarks/bench_gpu_train.py --flops --cases small     # on any machine
+    python benchmarks/bench_gpu_train.py --stages --cases large    # where an iteration's time goes
 
 Each case is one SGD iteration (forward, backward, step) on a fixed batch of smooth images with
 elliptic instances: "small" is the CPU benchmark's 2 x 512x512 with 3 instances, "large" is
@@ -13,6 +14,9 @@ round) so clock and thermal drift hit both alike; times are medians.  Peak memor
 ``torch.cuda.max_memory_allocated`` during one iteration above what was allocated before it.
 ``--profile`` prints the 15 costliest CUDA kernels of one iteration of ours and of torchvision.
 ``--flops`` only counts one iteration's FLOPs of each, on the CPU (no GPU needed).
+``--stages`` only times each stage of one iteration of each (backbone+FPN, RPN head, proposals,
+targets, ROI align, heads, losses, backward, optimiser) with the device synchronised at every
+stage boundary, on ``--device`` (a CPU too).
 
 After each row group, a line per model gives every iteration's positive ROIs (summed over the
 batch) and the mask head's batch, warm-up included: the mask head's convolutions are autotuned
@@ -21,6 +25,7 @@ once per batch size with cudnn.benchmark on, and ours pads its batch to ``mask_b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -31,10 +36,11 @@ import torch
 from torchvision.models.detection import roi_heads
 
 import maskrcnn
+from maskrcnn.model import losses as losses_module
 from maskrcnn.model import training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import NUM_CLASSES, build_ours, build_torchvision, smooth_image  # noqa: E402
+from harness import NUM_CLASSES, StageTimer, build_ours, build_torchvision, smooth_image  # noqa: E402
 
 CASES = {"small": (2, 512, 512, 3), "large": (8, 800, 1066, 8)}
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -119,26 +125,115 @@ class RoiCounts:
 
 
 def step_fn(model, images, targets, amp_dtype, float_input: bool, counts: RoiCounts | None = None,
-            name: str = ""):
-    """One SGD iteration of ``model`` as a function (fp16 with a GradScaler); ``counts`` records
-    its ROI counts under ``name``."""
+            name: str = "", device: str = "cuda", timer: StageTimer | None = None):
+    """One SGD iteration of ``model`` on ``device`` as a function (fp16 with a GradScaler);
+    ``counts`` records its ROI counts under ``name``; ``timer`` times its backward and
+    optimiser step as stages."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-5, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    imgs = [im.cuda().float() / 255 if float_input else im.cuda() for im in images]
-    tgts = [{k: v.cuda() for k, v in t.items()} for t in targets]
+    kind = torch.device(device).type
+    scaler = torch.amp.GradScaler(kind, enabled=amp_dtype == torch.float16)
+    imgs = [im.to(device).float() / 255 if float_input else im.to(device) for im in images]
+    tgts = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    span = timer.span if timer is not None else lambda stage: contextlib.nullcontext()
 
     def run():
         if counts is not None:
             counts.start(name)
-        with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.autocast(kind, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             losses = model(imgs, tgts)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        with span("backward"):
+            scaler.scale(loss).backward()
+        with span("optimizer"):
+            scaler.step(opt)
+            scaler.update()
     return run
+
+
+TRAIN_STAGES = ["preprocess", "backbone+FPN", "RPN head", "proposals", "RPN targets", "RPN loss",
+                "ROI targets", "box ROI align", "box head", "box loss", "mask ROI align", "mask head",
+                "mask loss", "backward", "optimizer"]
+
+
+def instrument_training(name: str, model, timer: StageTimer) -> None:
+    """Time the forward stages of one training iteration of torchvision's model or ours under
+    the same names.  Where the two cut differently: torchvision builds its mask targets inside
+    ``maskrcnn_loss`` ("mask loss"), ours with the ROI sample ("ROI targets")."""
+    if name == "torchvision":
+        timer.hook(model.transform, "preprocess")
+        timer.hook(model.backbone, "backbone+FPN")
+        timer.hook(model.rpn.head, "RPN head")
+        timer.hook(model.rpn.anchor_generator, "proposals")
+        timer.wrap(model.rpn.box_coder, "decode", "proposals")
+        timer.wrap(model.rpn, "filter_proposals", "proposals")
+        timer.wrap(model.rpn, "assign_targets_to_anchors", "RPN targets")
+        timer.wrap(model.rpn.box_coder, "encode", "RPN targets")
+        timer.wrap(model.rpn, "compute_loss", "RPN loss")
+        heads = model.roi_heads
+        timer.wrap(heads, "select_training_samples", "ROI targets")
+        timer.hook(heads.box_roi_pool, "box ROI align")
+        timer.hook(heads.box_head, "box head")
+        timer.hook(heads.box_predictor, "box head")
+        timer.wrap(roi_heads, "fastrcnn_loss", "box loss")
+        timer.hook(heads.mask_roi_pool, "mask ROI align")
+        timer.hook(heads.mask_head, "mask head")
+        timer.hook(heads.mask_predictor, "mask head")
+        timer.wrap(roi_heads, "maskrcnn_loss", "mask loss")
+        return
+    timer.wrap(training, "mold_training_batch", "preprocess")
+    timer.hook(model.backbone, "backbone+FPN")
+    timer.hook(model.fpn, "backbone+FPN")
+    timer.hook(model.rpn, "RPN head")
+    timer.wrap(model, "anchors", "proposals")
+    timer.wrap(model, "propose", "proposals")
+    timer.wrap(training, "build_rpn_targets", "RPN targets")
+    timer.wrap(losses_module, "rpn_class_loss", "RPN loss")
+    timer.wrap(losses_module, "rpn_bbox_loss", "RPN loss")
+    timer.wrap(training, "build_detection_targets", "ROI targets")
+    pool = model.config.pool_size
+    timer.wrap(model, "roi_features",
+               lambda features, rois, size, shape: "box ROI align" if size == pool else "mask ROI align")
+    timer.hook(model.box_head, "box head")
+    timer.wrap(losses_module, "mrcnn_class_loss", "box loss")
+    timer.wrap(losses_module, "mrcnn_bbox_loss", "box loss")
+    timer.hook(model.mask_head, "mask head")
+    timer.wrap(losses_module, "mrcnn_mask_loss", "mask loss")
+
+
+def training_stages(cases: list[str], amps: list[str], reps: int, device: str) -> None:
+    """Print where one training iteration's time goes, stage by stage, for torchvision's model
+    and ours (medians of ``reps`` after one warm-up).  Every stage boundary synchronises the
+    device, so a stage's time includes launching its kernels and waiting for them: the sum runs
+    above the unsynchronised iteration, and a stage made of many tiny kernels shows up."""
+    for case in cases:
+        n, h, w, k = CASES[case]
+        images, targets = batch(n, h, w, k)
+        models = {k2: m.to(device) for k2, m in build_models(h, w, ["ours"], device="cpu").items()}
+        for amp in amps:
+            samples = {}
+            for name, model in models.items():
+                timer = StageTimer(device)
+                instrument_training(name, model, timer)
+                fn = step_fn(model, images, targets, AMP[amp], name == "torchvision", device=device, timer=timer)
+                try:
+                    fn()  # warm-up (anchors, caches, cuDNN heuristics)
+                    samples[name] = [timer.collect(fn) for _ in range(reps)]
+                finally:
+                    timer.remove()
+            print(f"\n#### Training stages, {n}x{h}x{w}, {k} instances, {amp}, {device} (ms, median of {reps}, "
+                  f"synchronised at every stage)\n")
+            print("| stage | ours | torchvision | ours / torchvision |")
+            print("|---|---:|---:|---:|")
+            med = {name: {s: statistics.median(d.get(s, 0.0) for d in rows) for s in TRAIN_STAGES + ["total"]}
+                   for name, rows in samples.items()}
+            for m in med.values():
+                m["other"] = max(m["total"] - sum(m[s] for s in TRAIN_STAGES), 0.0)
+            for s in TRAIN_STAGES + ["other", "total"]:
+                a, b = med["ours"][s], med["torchvision"][s]
+                ratio = f"{a / b:.2f}" if b > 1e-4 else ""
+                print(f"| {s} | {a * 1e3:.1f} | {b * 1e3:.1f} | {ratio} |", flush=True)
 
 
 def measure(fns: dict, reps: int, warmup: int) -> dict:
@@ -196,8 +291,8 @@ def training_flops(cases: list[str]) -> None:
               flush=True)
 
 
-def build_models(h: int, w: int, variants: list[str]):
-    """torchvision's model and ours converted from it (one per variant), on the GPU, training."""
+def build_models(h: int, w: int, variants: list[str], device: str = "cuda"):
+    """torchvision's model and ours converted from it (one per variant), on ``device``, training."""
     tv = build_torchvision(min(h, w), max(h, w))
     models = {"torchvision": tv}
     for v in variants:
@@ -206,7 +301,7 @@ def build_models(h: int, w: int, variants: list[str]):
         if v != "ours":
             ours.backbone.channels_last = v == "ours-nhwc"
         models[v] = ours
-    return {k: m.cuda().train() for k, m in models.items()}
+    return {k: m.to(device).train() for k, m in models.items()}
 
 
 def main(argv=None) -> None:
@@ -219,11 +314,18 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--flops", action="store_true", help="only count each case's training FLOPs (CPU, no GPU needed)")
+    ap.add_argument("--stages", action="store_true",
+                    help="only time each training stage of both models (on --device), synchronised at every stage")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device of --stages (the table itself needs CUDA)")
     args = ap.parse_args(argv)
     if args.flops:
         return training_flops(args.cases.split(","))
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    if args.stages:
+        return training_stages(args.cases.split(","), args.amp.split(","), args.reps, args.device)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, TF32 off, "
           f"{args.reps} timed iterations after {args.warmup} warm-up, interleaved, medians\n")
     print("| case | precision | cudnn.benchmark | model | s/iter | images/s | ratio to torchvision | peak MiB |")

@@ -22,10 +22,12 @@ echo "## GPU training benchmark"
 if [ "$mode" = quick ]; then
   # issue 13's table at batch 8 (ROI counts printed for both models), then the step's split
   timeout 240 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark on,off --reps 3
+  timeout 120 python3 benchmarks/bench_gpu_train.py --stages --cases large --amp fp32,bf16 --reps 3
   timeout 150 python3 benchmarks/gpu_train_utilisation.py --split --device cuda --batch 8 --workers 4 --steps 10
   exit 0
 fi
 timeout 150 python3 benchmarks/bench_gpu_train.py --cases small,large --amp fp32,bf16 --cudnn-benchmark on,off --reps 4
+timeout 120 python3 benchmarks/bench_gpu_train.py --stages --cases large --amp fp32,bf16 --reps 3
 echo "## GPU inference benchmark"
 timeout 100 python3 benchmarks/bench_inference.py --device cuda --reps 5 --stage-reps 1 --no-flops
 echo "## Training step split: preparation in the step vs in the DataLoader workers (batch 8)"
