@@ -39,3 +39,45 @@ def test_folded_conv_gradients_match_unfolded(dtype):
     for folded, plain in zip(*results):
         scale = plain.abs().max().clamp(min=1)
         assert float((folded - plain).abs().max() / scale) < tol
+
+
+def test_cpu_pooling_of_a_bf16_map_is_torchvisions_autocast_rule():
+    """A bf16 map (autocast) is pooled in float32 and the result rounded to bf16, as torchvision's
+    autocast rule for roi_align runs its kernel."""
+    from torchvision.ops import roi_align
+
+    from maskrcnn.model.roi_align import roi_align_cpu
+    g = torch.Generator().manual_seed(0)
+    feature = torch.randn(2, 16, 20, 24, generator=g).to(torch.bfloat16)
+    xy = torch.rand(30, 2, generator=g) * 70
+    rois = torch.cat([torch.randint(0, 2, (30, 1), generator=g).float(), xy, xy + 5 + torch.rand(30, 2, generator=g) * 60], 1)
+    ours = roi_align_cpu(feature, rois, 7, 0.25, 2)
+    theirs = roi_align(feature.float(), rois, 7, 0.25, 2, aligned=False).to(torch.bfloat16)
+    assert ours.dtype == torch.bfloat16
+    # the same float32 sums, rounded once; a sum in another order may round to the next bf16
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("roi_pooling", ["crop_and_resize", "roi_align"])
+def test_cpu_bf16_training_learns(roi_pooling):
+    """``maskrcnn train --amp bf16`` on a CPU (both ROI poolings run embedding_bag on a bf16
+    map): finite losses that fall on one batch."""
+    import maskrcnn
+    from maskrcnn.data.shapes import ShapesDataset
+    from test_model import small_config
+    images, targets = zip(*[ShapesDataset(2, seed=3)[i] for i in range(2)])
+    torch.manual_seed(0)
+    m = maskrcnn.MaskRCNN(small_config(train_bn=True, roi_pooling=roi_pooling)).train()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
+    totals = []
+    for _ in range(10):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = m(list(images), list(targets))
+        loss = sum(losses.values())
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 5.0)
+        opt.step()
+        totals.append(loss.item())
+    assert sum(totals[-3:]) < 0.8 * sum(totals[:3])

@@ -139,7 +139,7 @@ def _pool_samples(feature: torch.Tensor, box_indices: torch.Tensor, ys, xs, out_
     ys, xs:  ``_axis_samples`` results for [R, out_h * sy] rows and [R, out_w * sx] columns, the
              samples of bin i being i*s .. i*s + s - 1.
     scale:   each sample's weight (1 / samples per bin).
-    Returns [R, C, out_h, out_w] (channels-last strides).
+    Returns [R, C, out_h, out_w] (channels-last strides), in feature's dtype.
 
     Each bin is a weighted sum of its sy*sx*4 corner pixels: ``embedding_bag`` gathers the
     C-long rows and sums them in one pass on every thread, ~10x faster than torchvision's
@@ -160,8 +160,11 @@ def _pool_samples(feature: torch.Tensor, box_indices: torch.Tensor, ys, xs, out_
         return t.view(r, out_h, sy, out_w, sx, 4).permute(0, 1, 3, 2, 4, 5).reshape(-1, sy * sx * 4)
 
     table = feature.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when channels-last
-    pooled = F.embedding_bag(bins(index), table, mode="sum", per_sample_weights=bins(weight))
-    return pooled.view(r, out_h, out_w, c).permute(0, 3, 1, 2)
+    # A bf16 map (autocast) is pooled in float32 and returned in bf16, as torchvision's autocast
+    # rule for roi_align does: embedding_bag wants its weights in the table's dtype, and bilinear
+    # weights rounded to bf16 would move every sample.
+    pooled = F.embedding_bag(bins(index), table.to(weight.dtype), mode="sum", per_sample_weights=bins(weight))
+    return pooled.view(r, out_h, out_w, c).permute(0, 3, 1, 2).to(feature.dtype)
 
 
 def fast_pooling(feature: torch.Tensor) -> bool:
