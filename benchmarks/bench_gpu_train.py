@@ -4,6 +4,7 @@
     python benchmarks/bench_gpu_train.py --cases large --amp bf16 --profile
     python benchmarks/bench_gpu_train.py --flops --cases small     # on any machine
     python benchmarks/bench_gpu_train.py --stages --cases large    # where an iteration's time goes
+    python benchmarks/bench_gpu_train.py --dispatch --cases large  # kernel launches and syncs, on a CPU
 
 Each case is one SGD iteration (forward, backward, step) on a fixed batch of smooth images with
 elliptic instances: "small" is the CPU benchmark's 2 x 512x512 with 3 instances, "large" is
@@ -14,6 +15,8 @@ round) so clock and thermal drift hit both alike; times are medians.  Peak memor
 ``torch.cuda.max_memory_allocated`` during one iteration above what was allocated before it.
 ``--profile`` prints the 15 costliest CUDA kernels of one iteration of ours and of torchvision.
 ``--flops`` only counts one iteration's FLOPs of each, on the CPU (no GPU needed).
+``--dispatch`` only counts the ATen ops one iteration dispatches (about one kernel launch each on
+a GPU) and those that make a GPU wait, on the CPU.
 ``--stages`` only times each stage of one iteration of each (backbone+FPN, RPN head, proposals,
 targets, ROI align, heads, losses, backward, optimiser) with the device synchronised at every
 stage boundary, on ``--device`` (a CPU too).
@@ -40,7 +43,7 @@ from maskrcnn.model import losses as losses_module
 from maskrcnn.model import training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import NUM_CLASSES, StageTimer, build_ours, build_torchvision, smooth_image  # noqa: E402
+from harness import NUM_CLASSES, DispatchCounter, StageTimer, build_ours, build_torchvision, smooth_image  # noqa: E402
 
 CASES = {"small": (2, 512, 512, 3), "large": (8, 800, 1066, 8)}
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -291,6 +294,43 @@ def training_flops(cases: list[str]) -> None:
               flush=True)
 
 
+def training_dispatch(cases: list[str], amps: list[str]) -> None:
+    """Print the ATen ops one training iteration (forward and backward) dispatches, and how many
+    of them make a GPU wait (:class:`harness.DispatchCounter`), for torchvision's model and
+    ours, counted on the CPU after one warm-up iteration, with the top callers of ours.  Ours
+    pools ROIs as on a GPU (torchvision's roi_align, not the CPU's embedding_bag), so the counts
+    are those of a GPU iteration.  The large case takes minutes on a laptop's cores."""
+    from maskrcnn.model import roi_align as pooling
+    cpu_pooling, pooling.fast_pooling = pooling.fast_pooling, lambda feature: False
+    try:
+        _training_dispatch(cases, amps)
+    finally:
+        pooling.fast_pooling = cpu_pooling
+
+
+def _training_dispatch(cases: list[str], amps: list[str]) -> None:
+    print("| case | precision | model | ops | syncing ops |")
+    print("|---|---|---|---:|---:|", flush=True)
+    for case in cases:
+        n, h, w, k = CASES[case]
+        images, targets = batch(n, h, w, k)
+        models = build_models(h, w, ["ours"], device="cpu")
+        for amp in amps:
+            counters = {}
+            for name, model in models.items():
+                inputs = [im.float() / 255 for im in images] if name == "torchvision" else images
+                for _ in range(2):  # the second iteration is counted: caches are warm
+                    torch.manual_seed(0)
+                    counters[name] = DispatchCounter()
+                    with counters[name], torch.autocast("cpu", dtype=AMP[amp] or torch.float32,
+                                                        enabled=AMP[amp] is not None):
+                        sum(model(inputs, targets).values()).backward()
+            for name, c in counters.items():
+                print(f"| {n}x{h}x{w}, {k} inst | {amp} | {name} | {c.total} | {c.syncs} |", flush=True)
+            top = ", ".join(f"{where} {count}" for where, count in counters["ours"].callers.most_common(8))
+            print(f"\nops of ours by caller: {top}\n", flush=True)
+
+
 def build_models(h: int, w: int, variants: list[str], device: str = "cuda"):
     """torchvision's model and ours converted from it (one per variant), on ``device``, training."""
     tv = build_torchvision(min(h, w), max(h, w))
@@ -314,6 +354,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--flops", action="store_true", help="only count each case's training FLOPs (CPU, no GPU needed)")
+    ap.add_argument("--dispatch", action="store_true",
+                    help="only count each iteration's dispatched and syncing ops (CPU, no GPU needed)")
     ap.add_argument("--stages", action="store_true",
                     help="only time each training stage of both models (on --device), synchronised at every stage")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -321,6 +363,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.flops:
         return training_flops(args.cases.split(","))
+    if args.dispatch:
+        return training_dispatch(args.cases.split(","), args.amp.split(","))
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

@@ -14,11 +14,12 @@ import platform
 import statistics
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import NUM_CLASSES, TorchvisionMaskRCNN, build_torchvision, same_detections  # noqa: E402,F401
@@ -150,6 +151,44 @@ class StageTimer:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched while active (on a GPU, each is about one kernel launch),
+    those that make a GPU wait for its queue (``SYNCING``: a result's size or value read back
+    by the host), and which function of maskrcnn or torchvision issued them.  Runs on a CPU:
+    the counts are the host's side of a GPU step, whose launches and waits bound its time when
+    the kernels are small."""
+
+    SYNCING = frozenset({"nonzero", "_local_scalar_dense", "item", "is_nonzero", "masked_select",
+                         "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave", "equal"})
+    _OURS = ("/maskrcnn/", "/torchvision/")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+        self.callers = Counter()
+        self.sync_sites = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] += 1
+        frame = sys._getframe(1)
+        while frame is not None and not any(p in frame.f_code.co_filename for p in self._OURS):
+            frame = frame.f_back
+        where = "autograd / elsewhere" if frame is None else f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
+        self.callers[where] += 1
+        if name in self.SYNCING:
+            self.sync_sites[where] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def syncs(self) -> int:
+        return sum(self.sync_sites.values())
 
 
 def conv_throughput(device, reps: int = 5) -> float:
