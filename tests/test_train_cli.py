@@ -40,6 +40,25 @@ def test_train_then_resume_then_load(tmp_path, capsys):
                  "--steps", "1", "--weights", str(tmp_path / "model"), *SET_SMALL]) == 0
 
 
+def test_resume_keeps_the_run_config_and_names_what_config_would_change(tmp_path, caplog):
+    """Resuming with the same --config is quiet; with a different one the run keeps its saved
+    config and a warning names the keys the file would change."""
+    import yaml
+    first, other = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(yaml.safe_dump({"detection_min_confidence": 0.5, "detection_nms_threshold": 0.3}))
+    other.write_text(yaml.safe_dump({"detection_min_confidence": 0.6, "detection_nms_threshold": 0.3}))
+    run = tmp_path / "run"
+    assert _train(run, "--steps", "1", "--config", str(first)) == 0
+    with caplog.at_level("WARNING", logger="maskrcnn"):
+        assert _train(run, "--steps", "2", "--config", str(first), "--resume") == 0
+        assert "--config" not in caplog.text
+        assert _train(run, "--steps", "3", "--config", str(other), "--resume") == 0
+    warning = [r.getMessage() for r in caplog.records if "--config" in r.getMessage()]
+    assert len(warning) == 1 and "detection_min_confidence (run 0.5, --config 0.6)" in warning[0]
+    assert "detection_nms_threshold" not in warning[0]
+    assert yaml.safe_load((run / "config.yaml").read_text())["detection_min_confidence"] == 0.5
+
+
 def test_train_on_coco_leaves_out_a_missing_image(tmp_path, capsys, caplog):
     """COCO data with crowd, RLE, odd image modes and one image deleted: the run trains on the
     images it can read and says how many it left out."""

@@ -80,21 +80,52 @@ def add_parser(subparsers):
 def build_config(args, num_classes: int):
     """The run's config: the saved one when resuming, else --config, else torchvision's preset
     for --weights coco / imagenet, else Matterport's defaults; then --set; num_classes from the
-    data when none of them set it; BatchNorm trained when starting from random weights."""
+    data when none of them set it; BatchNorm trained when starting from random weights.  A
+    resumed run keeps its saved config (and takes --set on top): a --config file that says
+    otherwise is named in a warning with the keys that differ."""
     from ..config import Config
 
     saved = Path(args.out) / "config.yaml"
     resuming = args.resume and saved.exists()
     default = Config.preset("torchvision") if args.weights in PRETRAINED_NAMES else None
-    config = config_from_args(args, default=default, saved=saved if resuming else None)
+    if resuming:
+        config = _with_data_classes(config_from_args(args, saved=saved), num_classes)
+        if getattr(args, "config", None):
+            _warn_config_differs(saved, args.config, config, _fresh_config(args, num_classes, default, quiet=True))
+        return config
+    return _fresh_config(args, num_classes, default)
+
+
+def _fresh_config(args, num_classes: int, default, quiet: bool = False):
+    """The config of a new run from this command line (--config or ``default``, --set, the data)."""
+    config = _with_data_classes(config_from_args(args, default=default), num_classes)
+    if not args.weights:
+        config = scratch_batchnorm(config, explicit=_sets_train_bn(args), quiet=quiet)
+    return config
+
+
+def _with_data_classes(config, num_classes: int):
+    from ..config import Config
+
     if config.num_classes != num_classes:
         if config.num_classes != Config().num_classes:
             raise MaskRCNNError(f"num_classes={config.num_classes} in the config, but the data has "
                                 f"{num_classes} classes (background included)")
         config = config.replace(num_classes=num_classes)
-    if not args.weights and not resuming:
-        config = scratch_batchnorm(config, explicit=_sets_train_bn(args))
     return config
+
+
+def _warn_config_differs(saved: Path, given: str, resumed, fresh) -> None:
+    """Log which keys of --config's file (as a new run would read it) differ from the resumed run's."""
+    ours, theirs = resumed.to_dict(), fresh.to_dict()
+    keys = [k for k in ours if ours[k] != theirs.get(k)]
+    if not keys:
+        return
+    shown = ", ".join(f"{k} (run {ours[k]!r}, --config {theirs.get(k)!r})" for k in keys[:4])
+    more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+    log.warning("resuming with the run's own %s; --config %s differs in %s%s. A resumed run keeps its "
+                "config (--set still applies); train into a new --out to use the file's", saved, given,
+                shown, more)
 
 
 def _sets_train_bn(args) -> bool:
@@ -107,18 +138,22 @@ def _sets_train_bn(args) -> bool:
     return False
 
 
-def scratch_batchnorm(config, explicit: bool):
+def scratch_batchnorm(config, explicit: bool, quiet: bool = False):
     """The config for training from random weights: frozen BatchNorm (Matterport's default,
     meant for pretrained statistics) would stay at its initial identity, which the README's
-    sweep measured at 0.64 against 0.89 mask AP@0.5, so BN trains, with one log line either way."""
+    sweep measured at 0.64 against 0.89 mask AP@0.5, so BN trains, with one log line either way
+    (none when ``quiet``)."""
     if config.train_bn:
         return config
     if explicit:
+        if quiet:
+            return config
         log.info("training from random weights with frozen BatchNorm because train_bn: false was set "
                  "(BN stays at its initial identity; the README measured 0.64 vs 0.89 mask AP@0.5)")
         return config
-    log.info("training from random weights: BatchNorm trains (train_bn: true; --set train_bn=false "
-             "freezes it)")
+    if not quiet:
+        log.info("training from random weights: BatchNorm trains (train_bn: true; --set train_bn=false "
+                 "freezes it)")
     return config.replace(train_bn=True)
 
 
