@@ -259,3 +259,33 @@ def test_a_full_disk_during_a_checkpoint_is_one_error_and_keeps_the_earlier(tmp_
         trainer.fit(4)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt-00000002.pt"]
     assert (tmp_path / "checkpoints" / "ckpt-00000002.pt").read_bytes() == good
+
+
+def test_time_budget_extends_a_schedule_estimated_while_the_machine_was_busy(monkeypatch):
+    """Ten slow steps (another process held the cores) set a short schedule; when it would end
+    with most of the budget left, it is re-estimated at the faster pace and the run goes on
+    until the time is up, not to the stale estimate."""
+    from maskrcnn.engine import hooks
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: clock["now"])
+
+    class Run:  # the Trainer's side of the hook protocol
+        step, max_steps, total_steps, stop_reason = 0, 10_000, 10_000, None
+
+        def set_total_steps(self, total):
+            self.total_steps = total
+
+        def request_stop(self, reason):
+            self.stop_reason = reason
+
+    run = Run()
+    budget = hooks.TimeBudget(max_seconds=60.0)
+    budget.trainer = run
+    budget.before_train()
+    while run.step < min(run.max_steps, run.total_steps) and run.stop_reason is None:
+        clock["now"] += 1.0 if run.step < 10 else 0.1
+        run.step += 1
+        budget.after_step()
+    assert run.stop_reason is not None and "time budget" in run.stop_reason
+    assert 440 <= run.step <= 510  # 10 steps in 10 s, then 10 steps/s for the other 50 s

@@ -30,7 +30,7 @@ from .distributed import barrier, reduce_mean, unwrap
 log = logging.getLogger(__name__)
 
 #: A time-limited run re-estimates how many steps fit in its budget after 10 steps, then
-#: every RATE_CHECK_EVERY steps.
+#: every RATE_CHECK_EVERY steps, and whenever its schedule is about to end with time left.
 FIRST_RATE_CHECK = 10
 RATE_CHECK_EVERY = 100
 #: Subfolder of the run folder holding the model with the best validation metric.
@@ -85,7 +85,9 @@ class PeriodicHook(HookBase):
 class TimeBudget(HookBase):
     """Stop when ``max_seconds`` have passed.  After FIRST_RATE_CHECK steps (and every
     RATE_CHECK_EVERY) the schedule's length becomes the number of steps that fit, so a cosine
-    rate still decays to about 0 by the end."""
+    rate still decays to about 0 by the end.  A schedule that would end with time left (an
+    estimate made while another process held the cores) is re-estimated at its last step and
+    extended when more steps fit (the cosine rate then rises again and decays to the new end)."""
 
     def __init__(self, max_seconds: float):
         self.max_seconds = max_seconds
@@ -99,7 +101,8 @@ class TimeBudget(HookBase):
         t = self.trainer
         elapsed = time.perf_counter() - self.started
         done = t.step - self.start_step
-        if done == FIRST_RATE_CHECK or done % RATE_CHECK_EVERY == 0:
+        ending_early = t.step >= t.total_steps and t.step < t.max_steps and elapsed < self.max_seconds
+        if done == FIRST_RATE_CHECK or done % RATE_CHECK_EVERY == 0 or (ending_early and done > self.checked[0]):
             # the first steps are slow and a shared machine's speed drifts: re-estimate from
             # the rate since the previous check
             rate = (done - self.checked[0]) / max(elapsed - self.checked[1], 1e-9)
