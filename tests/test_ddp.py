@@ -35,15 +35,25 @@ def _worker(rank: int, world_size: int, port: int, folder: str) -> None:
     cleanup()
 
 
-def test_two_process_gloo_training(tmp_path):
+def _run_two(worker, folder) -> list:
+    """Start ``worker(rank, 2, port, folder)`` in two spawned processes, as torchrun would;
+    their exit codes (None for one still running after 120 s, which is then killed)."""
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path))) for r in (0, 1)]
+    procs = [ctx.Process(target=worker, args=(r, 2, port, str(folder))) for r in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return codes
+
+
+def test_two_process_gloo_training(tmp_path):
+    assert _run_two(_worker, tmp_path) == [0, 0]
     a, b = (torch.load(tmp_path / f"final-rank{r}.pt", weights_only=True) for r in (0, 1))
     torch.manual_seed(0)
     initial = TinyMaskRCNN().state_dict()
@@ -56,3 +66,35 @@ def test_two_process_gloo_training(tmp_path):
     run = tmp_path / "run-rank0"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def _budget_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    import time
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if rank == 1:  # this rank's clock runs 3x fast: on its own it would think the time is up first
+        real = time.perf_counter
+        start = real()
+        time.perf_counter = lambda: start + 3 * (real() - start)
+    info = init_distributed("cpu")
+    torch.manual_seed(0)
+    model = TinyMaskRCNN()
+    trainer = Trainer(model, ShapesDataset(16, 64, 64, seed=1), f"{folder}/run-rank{rank}",
+                      Config(images_per_gpu=2, learning_rate=0.02, warmup_steps=2), info=info,
+                      progress=False, log_every=5, checkpoint_every=1000)
+    result = trainer.fit(10_000, max_seconds=4.0)
+    torch.save({"step": result["step"], "state": model.state_dict()}, f"{folder}/final-rank{rank}.pt")
+    cleanup()
+
+
+def test_time_budget_stops_every_rank_at_the_same_step(tmp_path):
+    """fit(max_seconds=...) under DDP with clocks that disagree: every rank decides from the
+    slowest clock's reading, so all stop at the same step with the same weights (a rank that
+    stopped alone would leave the other waiting in its gradient all-reduce)."""
+    assert _run_two(_budget_worker, tmp_path) == [0, 0]
+    a, b = (torch.load(tmp_path / f"final-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["step"] == b["step"] > 1
+    for name in a["state"]:
+        assert torch.equal(a["state"][name], b["state"][name]), name

@@ -266,12 +266,14 @@ def test_time_budget_extends_a_schedule_estimated_while_the_machine_was_busy(mon
     with most of the budget left, it is re-estimated at the faster pace and the run goes on
     until the time is up, not to the stale estimate."""
     from maskrcnn.engine import hooks
+    from maskrcnn.engine.distributed import DistInfo
 
     clock = {"now": 0.0}
     monkeypatch.setattr(hooks.time, "perf_counter", lambda: clock["now"])
 
     class Run:  # the Trainer's side of the hook protocol
         step, max_steps, total_steps, stop_reason = 0, 10_000, 10_000, None
+        info = DistInfo()
 
         def set_total_steps(self, total):
             self.total_steps = total

@@ -84,6 +84,16 @@ def reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(keys, t.tolist()))
 
 
+def agreed_max(value: float, device: torch.device) -> float:
+    """The largest ``value`` over all processes (``value`` when not distributed): a number every
+    rank then decides from alike, e.g. the elapsed time of a time budget, whose clocks differ."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .distributed import barrier, reduce_mean, unwrap
+from .distributed import agreed_max, barrier, reduce_mean, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,10 @@ class TimeBudget(HookBase):
     RATE_CHECK_EVERY) the schedule's length becomes the number of steps that fit, so a cosine
     rate still decays to about 0 by the end.  A schedule that would end with time left (an
     estimate made while another process held the cores) is re-estimated at its last step and
-    extended when more steps fit (the cosine rate then rises again and decays to the new end)."""
+    extended when more steps fit (the cosine rate then rises again and decays to the new end).
+    Under DDP every rank reads the slowest rank's elapsed time, so all of them change the
+    schedule and stop at the same step (a rank that stopped alone would leave the others
+    waiting in their next gradient all-reduce)."""
 
     def __init__(self, max_seconds: float):
         self.max_seconds = max_seconds
@@ -99,7 +102,7 @@ class TimeBudget(HookBase):
 
     def after_step(self) -> None:
         t = self.trainer
-        elapsed = time.perf_counter() - self.started
+        elapsed = agreed_max(time.perf_counter() - self.started, t.info.device)
         done = t.step - self.start_step
         ending_early = t.step >= t.total_steps and t.step < t.max_steps and elapsed < self.max_seconds
         if done == FIRST_RATE_CHECK or done % RATE_CHECK_EVERY == 0 or (ending_early and done > self.checked[0]):
