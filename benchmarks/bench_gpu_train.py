@@ -13,7 +13,8 @@ elliptic instances: "small" is the CPU benchmark's 2 x 512x512 with 3 instances,
 the torchvision preset converted from it.  The models run interleaved (one iteration of each per
 round) so clock and thermal drift hit both alike; times are medians.  Peak memory is
 ``torch.cuda.max_memory_allocated`` during one iteration above what was allocated before it.
-``--profile`` prints the 15 costliest CUDA kernels of one iteration of ours and of torchvision.
+``--profile`` prints the 15 costliest CUDA kernels of one iteration of ours and of torchvision
+(at the last ``--cudnn-benchmark`` setting of each case and precision).
 ``--flops`` only counts one iteration's FLOPs of each, on the CPU (no GPU needed).
 ``--dispatch`` only counts the ATen ops one iteration dispatches (about one kernel launch each on
 a GPU) and those that make a GPU wait, on the CPU.
@@ -352,7 +353,8 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default="ours", help="ours (the default layout), ours-nchw, ours-nhwc")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print each model's costliest CUDA kernels (at the last --cudnn-benchmark setting)")
     ap.add_argument("--flops", action="store_true", help="only count each case's training FLOPs (CPU, no GPU needed)")
     ap.add_argument("--dispatch", action="store_true",
                     help="only count each iteration's dispatched and syncing ops (CPU, no GPU needed)")
@@ -392,7 +394,7 @@ def main(argv=None) -> None:
                     print(f"| {n}x{h}x{w}, {k} inst | {amp} | {bench} | {name} | {sec:.3f} | {n / sec:.1f} | "
                           f"{sec / ref:.2f} | {peak:.0f} |", flush=True)
                 print(counts.report(), flush=True)
-                if args.profile and bench == "on":
+                if args.profile and bench == args.cudnn_benchmark.split(",")[-1]:
                     for name, fn in fns.items():
                         profile(fn, f"{case} {amp} {name}")
         del models

@@ -22,9 +22,11 @@ if [ "$mode" = quick ]; then
   echo "## GPU training benchmark"
   timeout 180 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark on,off --reps 3
   timeout 100 python3 benchmarks/bench_gpu_train.py --stages --cases large --amp fp32,bf16 --reps 3
+  timeout 90 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark off --reps 1 \
+    --warmup 1 --profile
   echo "## CUDA tests"
-  timeout 120 python3 -m pytest tests/test_cuda.py tests/test_amp.py -q -p no:cacheprovider 2>&1 | tail -15
-  timeout 120 python3 benchmarks/gpu_train_utilisation.py --split --device cuda --batch 8 --workers 4 --steps 10
+  timeout 100 python3 -m pytest tests/test_cuda.py tests/test_amp.py -q -p no:cacheprovider 2>&1 | tail -15
+  timeout 100 python3 benchmarks/gpu_train_utilisation.py --split --device cuda --batch 8 --workers 4 --steps 10
   exit 0
 fi
 echo "## CUDA tests"
@@ -32,6 +34,8 @@ timeout 150 python3 -m pytest tests/test_cuda.py tests/test_amp.py -q -p no:cach
 echo "## GPU training benchmark"
 timeout 150 python3 benchmarks/bench_gpu_train.py --cases small,large --amp fp32,bf16 --cudnn-benchmark on,off --reps 4
 timeout 120 python3 benchmarks/bench_gpu_train.py --stages --cases large --amp fp32,bf16 --reps 3
+timeout 90 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark off --reps 1 \
+  --warmup 1 --profile
 echo "## GPU inference benchmark"
 timeout 100 python3 benchmarks/bench_inference.py --device cuda --reps 5 --stage-reps 1 --no-flops
 echo "## Training step split: preparation in the step vs in the DataLoader workers (batch 8)"
