@@ -98,3 +98,27 @@ def test_time_budget_stops_every_rank_at_the_same_step(tmp_path):
     assert a["step"] == b["step"] > 1
     for name in a["state"]:
         assert torch.equal(a["state"][name], b["state"][name]), name
+
+
+def _patience_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    torch.manual_seed(0)
+    model = TinyMaskRCNN()
+    trainer = Trainer(model, ShapesDataset(16, 64, 64, seed=1), f"{folder}/run-rank{rank}",
+                      Config(images_per_gpu=2, learning_rate=0.02, warmup_steps=2), info=info,
+                      progress=False, log_every=1, checkpoint_every=100, eval_every=2, patience=1,
+                      evaluate=lambda m: {"mask_AP": 0.5 if trainer.step <= 2 else 0.1})
+    result = trainer.fit(40)
+    torch.save({"step": result["step"], "state": model.state_dict()}, f"{folder}/final-rank{rank}.pt")
+    cleanup()
+
+
+def test_patience_stops_every_rank(tmp_path):
+    """Only rank 0 validates; when its patience runs out every rank stops at that step (the
+    others would otherwise wait for it in their next gradient all-reduce)."""
+    assert _run_two(_patience_worker, tmp_path) == [0, 0]
+    a, b = (torch.load(tmp_path / f"final-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["step"] == b["step"] == 4

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .distributed import agreed_max, barrier, reduce_mean, unwrap
+from .distributed import agreed_max, reduce_mean, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,10 @@ class Evaluation(PeriodicHook):
             model.train()
             t.log({"step": t.step, **{f"val/{k}": v for k, v in metrics.items()}})
             self._track_best(model, metrics)
-        barrier()
+        # only rank 0 evaluates: its patience stop goes to every rank (a rank that stopped alone
+        # would leave the others waiting in their next gradient all-reduce)
+        if agreed_max(float(t.info.is_main and t.stop_reason is not None), t.info.device):
+            t.request_stop("rank 0 stopped: no better validation metric within the patience")
         self.metrics = {f"val/{k}": v for k, v in metrics.items()}
         return self.metrics
 
