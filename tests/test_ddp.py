@@ -122,3 +122,50 @@ def test_patience_stops_every_rank(tmp_path):
     assert _run_two(_patience_worker, tmp_path) == [0, 0]
     a, b = (torch.load(tmp_path / f"final-rank{r}.pt", weights_only=True) for r in (0, 1))
     assert a["step"] == b["step"] == 4
+
+
+def _resume_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    """Two steps, then a fresh trainer resumes to four, in --out ``shared`` (both ranks) or in a
+    folder per rank (``split``: rank 1 sees no checkpoint)."""
+    from maskrcnn.errors import MaskRCNNError
+    layout, folder = folder.split(":", 1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    out = f"{folder}/run" if layout == "shared" else f"{folder}/run-rank{rank}"
+
+    def trainer():
+        torch.manual_seed(0)
+        model = TinyMaskRCNN()
+        return model, Trainer(model, ShapesDataset(16, 64, 64, seed=1), out,
+                              Config(images_per_gpu=2, learning_rate=0.02, warmup_steps=2), info=info,
+                              progress=False, log_every=1, checkpoint_every=2)
+    trainer()[1].fit(2)
+    model, resumed = trainer()
+    try:
+        result = resumed.fit(4, resume=True)
+    except MaskRCNNError as e:
+        with open(f"{folder}/error-rank{rank}.txt", "w") as f:
+            f.write(str(e))
+        cleanup()
+        raise SystemExit(3)
+    torch.save({"step": result["step"], "state": model.state_dict()}, f"{folder}/final-rank{rank}.pt")
+    cleanup()
+
+
+def test_resume_on_every_rank_from_the_shared_run(tmp_path):
+    assert _run_two(_resume_worker, f"shared:{tmp_path}") == [0, 0]
+    a, b = (torch.load(tmp_path / f"final-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["step"] == b["step"] == 4
+    for name in a["state"]:
+        assert torch.equal(a["state"][name], b["state"][name]), name
+
+
+def test_resume_where_a_rank_cannot_see_the_checkpoints_is_one_clear_error(tmp_path):
+    """--out on storage only rank 0 writes to (rank 1's folder stays empty): every rank stops
+    with the same explanation instead of hanging."""
+    assert _run_two(_resume_worker, f"split:{tmp_path}") == [3, 3]
+    errors = [(tmp_path / f"error-rank{r}.txt").read_text() for r in (0, 1)]
+    assert "rank 1 finds no checkpoint" in errors[1] and "storage all machines share" in errors[1]
+    assert "rank 0 finds checkpoint step 2" in errors[0]

@@ -41,7 +41,7 @@ from ..data.dataset import collate
 from ..errors import MaskRCNNError
 from ..utils import atomic_write_bytes
 from . import checkpoint as ckpt
-from .distributed import DistInfo, barrier, unwrap, wrap_model
+from .distributed import DistInfo, agreed_max, barrier, unwrap, wrap_model
 from .hooks import Checkpointer, Evaluation, HookBase, MetricsLogger, TimeBudget, ap_evaluator
 from .schedule import build_scheduler
 
@@ -311,6 +311,7 @@ class Trainer:
             ckpt.recover_model_folder(self.out_dir / "model_best")
         barrier()
         found = ckpt.latest_checkpoint(self.checkpoint_dir)
+        self._check_ranks_agree(-1 if found is None else int(found[1]["step"]))
         if found is None:
             if self.info.is_main:
                 log.info("resume: no checkpoint in %s: training from step 0", self.checkpoint_dir)
@@ -331,6 +332,20 @@ class Trainer:
             self._truncate_metrics(self.step)
             log.info("resumed from %s (step %d)", path, self.step)
         return True
+
+    def _check_ranks_agree(self, step: int) -> None:
+        """Under DDP every rank must resume from the same checkpoint step (``step``, -1 for
+        none): ranks that disagree would run different numbers of steps from different weights
+        and hang at their first all-reduce that has no partner.  One clear error on every rank
+        instead (typically ``--out`` on storage one machine cannot see)."""
+        if self.info.world_size <= 1:
+            return
+        highest, lowest = agreed_max(step, self.info.device), -agreed_max(-step, self.info.device)
+        if highest != lowest:
+            own = f"checkpoint step {step}" if step >= 0 else "no checkpoint"
+            raise MaskRCNNError(f"resume: rank {self.info.rank} finds {own} in {self.checkpoint_dir}, another rank "
+                                f"finds step {int(highest if step != highest else lowest)} (-1: none): every "
+                                f"rank reads the run's checkpoints, so --out must be on storage all machines share")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop the records a killed run logged after its last checkpoint."""
