@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+#: How long a rank waits in a collective before the run fails.  Validation runs on rank 0 alone
+#: while the others wait in the next collective, and a large validation set takes longer than
+#: NCCL's default of 10 minutes.
+COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistInfo(device=dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
