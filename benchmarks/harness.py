@@ -161,7 +161,8 @@ class DispatchCounter(TorchDispatchMode):
     the kernels are small."""
 
     SYNCING = frozenset({"nonzero", "_local_scalar_dense", "item", "is_nonzero", "masked_select",
-                         "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave", "equal"})
+                         "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave", "equal",
+                         "nms"})  # torchvision's CUDA nms reduces its overlap mask on the host
     _OURS = ("/maskrcnn/", "/torchvision/")
 
     def __init__(self):
@@ -178,7 +179,7 @@ class DispatchCounter(TorchDispatchMode):
             frame = frame.f_back
         where = "autograd / elsewhere" if frame is None else f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
         self.callers[where] += 1
-        if name in self.SYNCING:
+        if name in self.SYNCING or (name == "where" and len(args) == 1):  # torch.where(cond): nonzero
             self.sync_sites[where] += 1
         return func(*args, **(kwargs or {}))
 
