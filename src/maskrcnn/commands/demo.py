@@ -101,7 +101,9 @@ def run(args) -> int:
     result = trainer.fit(args.steps, max_seconds=args.minutes * 60 * TRAIN_SHARE)
     model.eval()
     with torch.no_grad():
-        metrics = ap_evaluator(held_out, list(CLASS_NAMES))(model)
+        metrics = ap_evaluator(held_out, list(CLASS_NAMES))(model)  # under torchrun: scored on rank 0
+        if not info.is_main:
+            return 0
         shown = [held_out[i][0] for i in range(8)]
         detections = model.detect(shown)
     metrics.update(steps=result["step"], train_minutes=round(result["seconds"] / 60, 2),

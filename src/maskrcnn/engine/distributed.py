@@ -101,6 +101,16 @@ def agreed_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def gather_to_main(obj) -> list | None:
+    """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the other ranks.
+    ``[obj]`` when not distributed."""
+    if not is_distributed():
+        return [obj]
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

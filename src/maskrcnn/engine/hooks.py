@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
-from .distributed import agreed_max, reduce_mean, unwrap
+from .distributed import agreed_max, gather_to_main, is_distributed, reduce_mean, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -196,15 +197,18 @@ class Evaluation(PeriodicHook):
         t = self.trainer
         self.last_step = t.step
         metrics = {}
-        if t.info.is_main:
+        # an ap_evaluator runs on every rank (each detects its share); any other on rank 0
+        shared = getattr(self.evaluate, "distributed", False) and t.info.world_size > 1
+        if t.info.is_main or shared:
             model = unwrap(t.wrapped)
             model.eval()
             with torch.no_grad():
                 metrics = {k: None if v is None else float(v) for k, v in self.evaluate(model).items()}
             model.train()
+        if t.info.is_main:
             t.log({"step": t.step, **{f"val/{k}": v for k, v in metrics.items()}})
             self._track_best(model, metrics)
-        # only rank 0 evaluates: its patience stop goes to every rank (a rank that stopped alone
+        # only rank 0 scores: its patience stop goes to every rank (a rank that stopped alone
         # would leave the others waiting in their next gradient all-reduce)
         if agreed_max(float(t.info.is_main and t.stop_reason is not None), t.info.device):
             t.request_stop("rank 0 stopped: no better validation metric within the patience")
@@ -253,23 +257,38 @@ class Checkpointer(PeriodicHook):
 def ap_evaluator(dataset, class_names: list[str], batch_size: int = 4, progress: bool = True):
     """``evaluate(model) -> {"mask_AP", "mask_AP50", "box_AP", "box_AP50"}`` on the whole of
     ``dataset`` (items ``(image uint8 [3, H, W], target)``, labels in the model's class ids),
-    with ``maskrcnn.evaluation``'s COCO evaluator and a progress bar on a terminal."""
+    with ``maskrcnn.evaluation``'s COCO evaluator and a progress bar on a terminal.
+
+    Each image's detections are scored as they come (masks kept as RLE, never all full-size
+    masks at once), so memory does not grow with the number of detections times image size.
+    Under DDP every rank calls it (``evaluate.distributed``): each detects every
+    world_size-th image, and rank 0 scores them all and returns the metrics ({} elsewhere)."""
     def evaluate(model) -> dict:
         from tqdm import tqdm
 
-        from ..evaluation.coco_eval import evaluate_detections
+        from ..evaluation.coco_eval import CocoEvaluator
 
-        targets, detections = [], []
+        rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+        mine = list(range(rank, len(dataset), world))
+        evaluator = CocoEvaluator(class_names)
         with tqdm(total=len(dataset), desc="validate", unit="img", leave=False,
-                  disable=None if progress else True) as bar:
-            for start in range(0, len(dataset), batch_size):
-                items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-                detections += model.detect([image for image, _ in items])
-                targets += [target for _, target in items]
-                bar.update(len(items))
-        m = evaluate_detections(targets, detections, class_names)
+                  disable=None if progress and rank == 0 else True) as bar:
+            for start in range(0, len(mine), batch_size):
+                indices = mine[start:start + batch_size]
+                items = [dataset[i] for i in indices]
+                for i, (_, target), found in zip(indices, items, model.detect([image for image, _ in items])):
+                    evaluator.add(target, found, image_id=i + 1)
+                bar.update(len(indices) * world)
+        parts = gather_to_main(evaluator.state())
+        if parts is None:
+            return {}
+        merged = CocoEvaluator(class_names)
+        for part in parts:
+            merged.extend(part)
+        m = merged.compute()
         return {"mask_AP": m["segm"]["AP"], "mask_AP50": m["segm"]["AP50"],
                 "box_AP": m["bbox"]["AP"], "box_AP50": m["bbox"]["AP50"]}
+    evaluate.distributed = True
     return evaluate
 
 

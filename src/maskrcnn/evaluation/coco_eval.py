@@ -292,6 +292,20 @@ class CocoEvaluator:
         if not np.isnan(ap):
             self.voc_aps.append(ap)
 
+    def state(self) -> tuple:
+        """What :meth:`add` has gathered (images, ground truth and result records as RLE, per-image
+        VOC APs): small, picklable, for :meth:`extend` on another process's evaluator."""
+        return self.images, self.gt_annotations, self.records, self.voc_aps
+
+    def extend(self, state: tuple) -> None:
+        """Add another evaluator's :meth:`state` (its images' ids must differ from these)."""
+        images, annotations, records, voc_aps = state
+        self.images += images
+        for ann in annotations:
+            self.gt_annotations.append(dict(ann, id=len(self.gt_annotations) + 1))
+        self.records += records
+        self.voc_aps += voc_aps
+
     def _add_ground_truth(self, image_id, boxes, labels, masks, iscrowd) -> None:
         areas = masks.flatten(1).sum(dim=1).tolist()
         b = boxes.to(torch.float64)
