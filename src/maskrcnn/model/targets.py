@@ -100,6 +100,12 @@ def _iou_block(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
     return inter.div_(union)
 
 
+def _has_gt_best(iou: torch.Tensor, gt_best: torch.Tensor) -> torch.Tensor:
+    """[n] bool: row i of ``iou`` [n, G] holds some gt's best IoU ``gt_best`` [G] (ties
+    included), when that IoU is > 0."""
+    return ((iou == gt_best) & (gt_best > 0)).any(dim=1)
+
+
 def _match(boxes: torch.Tensor, gt_boxes: torch.Tensor, with_gt_best: bool = False):
     """Best ground truth of each box, and optionally which boxes are some gt's best match.
 
@@ -116,7 +122,7 @@ def _match(boxes: torch.Tensor, gt_boxes: torch.Tensor, with_gt_best: bool = Fal
         if not with_gt_best:
             return best_iou, best_gt, None
         gt_best = iou.amax(dim=0) if boxes.shape[0] else boxes.new_zeros(gt_boxes.shape[0])
-        return best_iou, best_gt, ((iou == gt_best) & (gt_best > 0)).any(dim=1)
+        return best_iou, best_gt, _has_gt_best(iou, gt_best)
     best_iou, best_gt = [], []
     gt_best = torch.zeros(gt_boxes.shape[0], dtype=boxes.dtype, device=boxes.device)
     for start in range(0, boxes.shape[0], rows):
@@ -127,7 +133,7 @@ def _match(boxes: torch.Tensor, gt_boxes: torch.Tensor, with_gt_best: bool = Fal
         gt_best = torch.maximum(gt_best, iou.amax(dim=0))
     is_best = None
     if with_gt_best:
-        is_best = torch.cat([((_iou_block(boxes[start:start + rows], gt_boxes) == gt_best) & (gt_best > 0)).any(dim=1)
+        is_best = torch.cat([_has_gt_best(_iou_block(boxes[start:start + rows], gt_boxes), gt_best)
                              for start in range(0, boxes.shape[0], rows)])
     return torch.cat(best_iou), torch.cat(best_gt), is_best
 
