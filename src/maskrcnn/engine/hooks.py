@@ -173,8 +173,11 @@ class MetricsLogger(HookBase):
 
 
 class Evaluation(PeriodicHook):
-    """``evaluate(model) -> {name: value}`` in eval mode on rank 0 every ``every`` steps (0 =
-    only at the end) and after the last step; logged as ``val/<name>``.
+    """``evaluate(model) -> {name: value}`` in eval mode every ``every`` steps (0 = only at the
+    end) and after the last step; logged as ``val/<name>``.  It runs on rank 0, or on every
+    rank when it says it shares the work (``evaluate.distributed``, as :func:`ap_evaluator`'s
+    does); rank 0 logs, keeps the best model and counts the patience, and its stop reaches
+    every rank.
 
     best_metric: the name whose highest value is kept in ``out_dir/model_best/`` (with
                  ``best.json``: step, metric, value, all metrics); ignored when ``evaluate``
