@@ -44,7 +44,8 @@ from maskrcnn.model import losses as losses_module
 from maskrcnn.model import training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import NUM_CLASSES, DispatchCounter, StageTimer, build_ours, build_torchvision, smooth_image  # noqa: E402
+from harness import (NUM_CLASSES, DispatchCounter, StageTimer, build_ours, build_torchvision,  # noqa: E402
+                     instrument_network, smooth_image)
 
 CASES = {"small": (2, 512, 512, 3), "large": (8, 800, 1066, 8)}
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -162,47 +163,28 @@ TRAIN_STAGES = ["preprocess", "backbone+FPN", "RPN head", "proposals", "RPN targ
 
 
 def instrument_training(name: str, model, timer: StageTimer) -> None:
-    """Time the forward stages of one training iteration of torchvision's model or ours under
-    the same names.  Where the two cut differently: torchvision builds its mask targets inside
+    """Time the stages of one training iteration of torchvision's model or ours under the same
+    names: the network's (:func:`harness.instrument_network`), then preprocessing, targets and
+    losses.  Where the two cut differently: torchvision builds its mask targets inside
     ``maskrcnn_loss`` ("mask loss"), ours with the ROI sample ("ROI targets")."""
+    instrument_network(name, model, timer)
     if name == "torchvision":
         timer.hook(model.transform, "preprocess")
-        timer.hook(model.backbone, "backbone+FPN")
-        timer.hook(model.rpn.head, "RPN head")
-        timer.hook(model.rpn.anchor_generator, "proposals")
         timer.wrap(model.rpn.box_coder, "decode", "proposals")
-        timer.wrap(model.rpn, "filter_proposals", "proposals")
         timer.wrap(model.rpn, "assign_targets_to_anchors", "RPN targets")
         timer.wrap(model.rpn.box_coder, "encode", "RPN targets")
         timer.wrap(model.rpn, "compute_loss", "RPN loss")
-        heads = model.roi_heads
-        timer.wrap(heads, "select_training_samples", "ROI targets")
-        timer.hook(heads.box_roi_pool, "box ROI align")
-        timer.hook(heads.box_head, "box head")
-        timer.hook(heads.box_predictor, "box head")
+        timer.wrap(model.roi_heads, "select_training_samples", "ROI targets")
         timer.wrap(roi_heads, "fastrcnn_loss", "box loss")
-        timer.hook(heads.mask_roi_pool, "mask ROI align")
-        timer.hook(heads.mask_head, "mask head")
-        timer.hook(heads.mask_predictor, "mask head")
         timer.wrap(roi_heads, "maskrcnn_loss", "mask loss")
         return
     timer.wrap(training, "mold_training_batch", "preprocess")
-    timer.hook(model.backbone, "backbone+FPN")
-    timer.hook(model.fpn, "backbone+FPN")
-    timer.hook(model.rpn, "RPN head")
-    timer.wrap(model, "anchors", "proposals")
-    timer.wrap(model, "propose", "proposals")
     timer.wrap(training, "build_rpn_targets", "RPN targets")
     timer.wrap(losses_module, "rpn_class_loss", "RPN loss")
     timer.wrap(losses_module, "rpn_bbox_loss", "RPN loss")
     timer.wrap(training, "build_detection_targets", "ROI targets")
-    pool = model.config.pool_size
-    timer.wrap(model, "roi_features",
-               lambda features, rois, size, shape: "box ROI align" if size == pool else "mask ROI align")
-    timer.hook(model.box_head, "box head")
     timer.wrap(losses_module, "mrcnn_class_loss", "box loss")
     timer.wrap(losses_module, "mrcnn_bbox_loss", "box loss")
-    timer.hook(model.mask_head, "mask head")
     timer.wrap(losses_module, "mrcnn_mask_loss", "mask loss")
 
 

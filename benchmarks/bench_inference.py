@@ -13,42 +13,24 @@ from __future__ import annotations
 import harness
 import maskrcnn.model.maskrcnn as model_module
 import torch
-from harness import (StageTimer, build_ours, build_torchvision, conv_throughput, fmt_ms, interleaved, median,
-                     model_flops, same_detections, set_score_threshold, smooth_image, threshold_for)
+from harness import (StageTimer, build_ours, build_torchvision, conv_throughput, fmt_ms, instrument_network, interleaved,
+                     median, model_flops, same_detections, set_score_threshold, smooth_image, threshold_for)
 
 STAGES = ["preprocess", "backbone+FPN", "RPN head", "proposals", "box ROI align", "box head",
           "detection", "mask ROI align", "mask head", "mask paste"]
 
 
 def instrument_torchvision(tv, timer: StageTimer) -> None:
+    instrument_network("torchvision", tv, timer)
     timer.hook(tv.transform, "preprocess")
-    timer.hook(tv.backbone, "backbone+FPN")
-    timer.hook(tv.rpn.head, "RPN head")
-    timer.wrap(tv.rpn, "filter_proposals", "proposals")
-    timer.hook(tv.rpn.anchor_generator, "proposals")
-    timer.hook(tv.roi_heads.box_roi_pool, "box ROI align")
-    timer.hook(tv.roi_heads.box_head, "box head")
-    timer.hook(tv.roi_heads.box_predictor, "box head")
     timer.wrap(tv.roi_heads, "postprocess_detections", "detection")
-    timer.hook(tv.roi_heads.mask_roi_pool, "mask ROI align")
-    timer.hook(tv.roi_heads.mask_head, "mask head")
-    timer.hook(tv.roi_heads.mask_predictor, "mask head")
     timer.wrap(tv.transform, "postprocess", "mask paste")
 
 
 def instrument_ours(ours, timer: StageTimer) -> None:
+    instrument_network("ours", ours, timer)
     timer.wrap(model_module, "mold_images", "preprocess")
-    timer.hook(ours.backbone, "backbone+FPN")
-    timer.hook(ours.fpn, "backbone+FPN")
-    timer.hook(ours.rpn, "RPN head")
-    timer.wrap(ours, "anchors", "proposals")
-    timer.wrap(ours, "propose", "proposals")
-    pool = ours.config.pool_size
-    timer.wrap(ours, "roi_features",
-               lambda features, rois, size, shape: "box ROI align" if size == pool else "mask ROI align")
-    timer.hook(ours.box_head, "box head")
     timer.wrap(model_module, "detect_boxes", "detection")
-    timer.hook(ours.mask_head, "mask head")
     timer.wrap(model_module, "unmold", "mask paste")
 
 

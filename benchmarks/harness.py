@@ -153,6 +153,34 @@ class StageTimer:
         self._undo.clear()
 
 
+def instrument_network(name: str, model, timer: StageTimer) -> None:
+    """Time the network stages that inference and training share, under the same names for
+    torchvision's model (``name`` "torchvision") and ours: "backbone+FPN", "RPN head",
+    "proposals", "box ROI align", "box head", "mask ROI align", "mask head".  Each benchmark
+    adds its own (preprocessing, detection, targets, losses)."""
+    if name == "torchvision":
+        timer.hook(model.backbone, "backbone+FPN")
+        timer.hook(model.rpn.head, "RPN head")
+        timer.hook(model.rpn.anchor_generator, "proposals")
+        timer.wrap(model.rpn, "filter_proposals", "proposals")
+        heads = model.roi_heads
+        for module, stage in ((heads.box_roi_pool, "box ROI align"), (heads.box_head, "box head"),
+                              (heads.box_predictor, "box head"), (heads.mask_roi_pool, "mask ROI align"),
+                              (heads.mask_head, "mask head"), (heads.mask_predictor, "mask head")):
+            timer.hook(module, stage)
+        return
+    timer.hook(model.backbone, "backbone+FPN")
+    timer.hook(model.fpn, "backbone+FPN")
+    timer.hook(model.rpn, "RPN head")
+    timer.wrap(model, "anchors", "proposals")
+    timer.wrap(model, "propose", "proposals")
+    pool = model.config.pool_size
+    timer.wrap(model, "roi_features",
+               lambda features, rois, size, shape: "box ROI align" if size == pool else "mask ROI align")
+    timer.hook(model.box_head, "box head")
+    timer.hook(model.mask_head, "mask head")
+
+
 class DispatchCounter(TorchDispatchMode):
     """Counts the ATen ops dispatched while active (on a GPU, each is about one kernel launch),
     those that make a GPU wait for its queue (``SYNCING``: a result's size or value read back
