@@ -26,7 +26,7 @@ if [ "$mode" = quick ]; then
     --warmup 1 --profile
   echo "## CUDA tests"
   timeout 100 python3 -m pytest tests/test_cuda.py tests/test_amp.py -q -p no:cacheprovider 2>&1 | tail -15
-  timeout 100 python3 benchmarks/gpu_train_utilisation.py --split --device cuda --batch 8 --workers 4 --steps 10
+  timeout 100 python3 benchmarks/gpu_train_utilisation.py --split --device cuda --batch 8 --steps 10
   exit 0
 fi
 echo "## CUDA tests"
@@ -39,9 +39,9 @@ timeout 90 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 -
 echo "## GPU inference benchmark"
 timeout 100 python3 benchmarks/bench_inference.py --device cuda --reps 5 --stage-reps 1 --no-flops
 echo "## Training step split: preparation in the step vs in the DataLoader workers (batch 8)"
-timeout 150 python3 benchmarks/gpu_train_utilisation.py --split --device cuda --batch 8 --workers 4 --steps 10
-echo "## GPU utilisation during maskrcnn train (800x1066 COCO, batch 4, 4 workers)"
-timeout 90 python3 benchmarks/gpu_train_utilisation.py --images 32 --steps 40 --batch 4 --workers 4 --skip 25 \
+timeout 150 python3 benchmarks/gpu_train_utilisation.py --split --device cuda --batch 8 --steps 10
+echo "## GPU utilisation during maskrcnn train (800x1066 COCO, batch 4, default workers)"
+timeout 90 python3 benchmarks/gpu_train_utilisation.py --images 32 --steps 40 --batch 4 --skip 25 \
   --extra --set backbone=resnet50
 echo "## ONNX Runtime providers"
 python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" 2>&1 | tail -1

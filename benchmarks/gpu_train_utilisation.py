@@ -138,7 +138,7 @@ def split(args) -> None:
     from maskrcnn import Config, MaskRCNN
     from maskrcnn.data.dataset import collate
     from maskrcnn.engine.hooks import HookBase
-    from maskrcnn.engine.trainer import Trainer, seed_everything
+    from maskrcnn.engine.trainer import Trainer, default_workers, seed_everything
     from maskrcnn.model import training
 
     torch.set_num_threads(args.threads)
@@ -184,6 +184,8 @@ def split(args) -> None:
                 torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
 
+    if args.workers is None:
+        args.workers = default_workers(device)
     walls = {True: [], False: []}
     busy = {True: [], False: []}
     for _ in range(args.rounds):
@@ -216,7 +218,8 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="data workers (default: maskrcnn train's own, trainer.default_workers)")
     ap.add_argument("--size", default="800x1066", help="image height x width")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip", type=float, default=20.0, help="seconds of start-up left out")
@@ -236,7 +239,7 @@ def main(argv=None) -> None:
     ann = write_dataset(scratch / "data", args.images, height, width, INSTANCES)
     cmd = [sys.executable, "-m", "maskrcnn.cli", "train", "--coco", str(ann), "--images", str(scratch / "data" / "images"),
            "--out", str(scratch / "run"), "--steps", str(args.steps), "--device", args.device,
-           "--workers", str(args.workers), "--checkpoint-every", str(args.steps),
+           *(["--workers", str(args.workers)] if args.workers is not None else []), "--checkpoint-every", str(args.steps),
            "--set", f"images_per_gpu={args.batch}", *args.extra]
     print(" ".join(cmd), flush=True)
     samples, stop = [], threading.Event()

@@ -14,6 +14,7 @@ import torch
 
 from maskrcnn import Config
 from maskrcnn.data.shapes import ShapesDataset
+from maskrcnn.engine import trainer as trainer_module
 from maskrcnn.engine.trainer import Trainer, epoch_batches
 from maskrcnn.errors import MaskRCNNError
 from tiny_maskrcnn import TinyMaskRCNN
@@ -291,3 +292,20 @@ def test_time_budget_extends_a_schedule_estimated_while_the_machine_was_busy(mon
         budget.after_step()
     assert run.stop_reason is not None and "time budget" in run.stop_reason
     assert 440 <= run.step <= 510  # 10 steps in 10 s, then 10 steps/s for the other 50 s
+
+
+def test_default_workers_feed_a_gpu_from_the_cores_each_process_has(monkeypatch):
+    """2 workers on a CPU (they share its cores with the step); on CUDA one per core this
+    process may use, less its own, split among torchrun's local processes, within [2, 8]."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(trainer_module.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert trainer_module.default_workers(cpu) == 2
+    assert trainer_module.default_workers(cuda) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert trainer_module.default_workers(cuda) == 3  # 16 cores / 4 processes, less the process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert trainer_module.default_workers(cuda) == 2  # never fewer than on a CPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(trainer_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    assert trainer_module.default_workers(cuda) == 5

@@ -73,7 +73,9 @@ def add_parser(subparsers):
     p.add_argument("--keep", type=at_least(1), default=3, metavar="K", help="checkpoints kept (default 3)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="mixed precision (default auto: bf16/fp16 autocast on CUDA, fp32 on CPU)")
-    p.add_argument("--workers", type=at_least(0), default=2, metavar="N", help="data loading processes (default 2)")
+    p.add_argument("--workers", type=at_least(0), metavar="N",
+                   help="data loading processes per training process (default: 2 on a CPU; on CUDA one per "
+                        "free core, at most 8, so that the next batch is ready when the GPU is)")
     return p
 
 
@@ -288,7 +290,7 @@ def run(args) -> int:
     from ..data.images import IntensityScaling
     from ..engine.checkpoint import load_pretrained, save_model_folder
     from ..engine.distributed import cleanup, init_distributed
-    from ..engine.trainer import Trainer, seed_everything
+    from ..engine.trainer import Trainer, default_workers, seed_everything
     from ..model.maskrcnn import MaskRCNN
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -319,7 +321,13 @@ def run(args) -> int:
                           val_dataset=val, eval_every=args.eval_every, patience=args.patience,
                           checkpoint_every=args.checkpoint_every, log_every=args.log_every,
                           keep=args.keep, seed=args.seed,
-                          num_workers=args.workers, info=info, amp=args.amp)
+                          num_workers=default_workers(info.device) if args.workers is None else args.workers,
+                          info=info, amp=args.amp)
+        if info.is_main:
+            log.info("training on %s%s, %s precision, batch %d, %d data workers per process",
+                     info.device, f" x {info.world_size} processes" if info.world_size > 1 else "",
+                     str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "float32",
+                     trainer.batch_size, trainer.num_workers)
         result = trainer.fit(args.steps, resume=args.resume)
         if info.is_main:
             save_model_folder(model, out / "model")
