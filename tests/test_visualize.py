@@ -91,3 +91,28 @@ def test_pr_plot_and_png(tmp_path):
 def test_apply_mask_alpha_zero_is_identity():
     image, mask = _scene()
     np.testing.assert_array_equal(apply_mask(image, mask[0], (9, 9, 9), alpha=0.0), image)
+
+
+def test_overlay_equals_blending_and_outlining_the_whole_frame():
+    """Masks are blended and outlined within their extent only: overlapping masks, masks on
+    each image border, an empty one, a ring and single pixels give the pixels that whole-frame
+    blending and outlining in instance order give."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    masks = np.zeros((8, 50, 70), bool)
+    masks[0, 0:20, 0:30] = True                      # top-left corner
+    masks[1, 10:50, 20:45] = True                    # overlaps 0, reaches the bottom
+    masks[2, 5:15, 60:70] = True                     # right border
+    masks[3, 30:45, 50:65] = True
+    masks[3, 35:40, 55:60] = False                   # a ring
+    masks[5, 25, 10] = masks[5, 49, 69] = True       # single pixels, one in the corner
+    masks[6] = rng.random((50, 70)) < 0.1            # scattered
+    masks[7, :, :] = True                            # the whole image, drawn last
+    colors = instance_colors(8)
+    expected = image.copy()
+    for m, c in zip(masks, colors):                  # masks[4] is empty
+        expected = apply_mask(expected, m, c, 0.4)
+        expected[mask_contour(m)] = c
+    for drawn in (masks, torch.from_numpy(masks)):
+        out = draw_instances(image, labels=np.ones(8, int), masks=drawn, colors=colors, alpha=0.4)
+        np.testing.assert_array_equal(out, expected)
