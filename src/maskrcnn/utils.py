@@ -1,10 +1,16 @@
-"""Small helpers shared by the package: atomic file writes, optional dependencies."""
+"""Small helpers shared by the package: atomic file writes, optional dependencies, reading
+ahead and writing behind in background threads."""
 from __future__ import annotations
 
+import collections
 import importlib
 import os
+import queue
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 from .errors import MaskRCNNError
 
@@ -57,3 +63,103 @@ def import_extra(module: str, extra: str, purpose: str):
         from .errors import MaskRCNNError
         raise MaskRCNNError(f"{purpose} needs {module}, which is not installed: "
                             f"pip install 'maskrcnn[{extra}]'") from None
+
+
+def batches(items, size: int):
+    """Consecutive lists of up to ``size`` items of an iterable, read lazily."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def read_ahead(items: Iterable, depth: int) -> Iterator:
+    """The items of ``items`` in order, produced up to ``depth`` ahead by a background thread,
+    so that reading (decoding an image, a video frame) overlaps the caller's work on the items
+    before.  ``depth`` 0 reads in the caller's thread.  An exception raised while producing
+    an item is raised here, after the items before it; stopping early (an exception, or
+    closing the generator) stops the thread after the item it is producing."""
+    if depth <= 0:
+        yield from items
+        return
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as e:  # raised in the caller's thread
+            put((end, e))
+            return
+        put((end, None))
+
+    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if item is end:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class WriteBehind:
+    """Run ``fn(*args)`` calls (drawing and writing pictures) in ``workers`` background threads
+    while the caller goes on, at most ``pending`` of them queued or running: submitting more
+    waits for the oldest, so the memory held stays bounded.  An exception of a call is raised
+    by the :meth:`submit` or :meth:`finish` that waits for it.  ``workers`` 0 runs each call
+    at once in the caller's thread.  Use as a context manager; leaving it waits for every
+    call (and on an exception, cancels the ones not started)."""
+
+    def __init__(self, workers: int, pending: int | None = None):
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="write-behind") if workers > 0 else None
+        self.pending = max(1, pending if pending is not None else 2 * workers)
+        self.futures: collections.deque = collections.deque()
+
+    def submit(self, fn: Callable, *args) -> None:
+        if self.pool is None:
+            fn(*args)
+            return
+        self.futures.append(self.pool.submit(fn, *args))
+        while len(self.futures) > self.pending:
+            self.futures.popleft().result()
+
+    def finish(self) -> None:
+        """Wait for every submitted call; raise the first exception among them."""
+        while self.futures:
+            self.futures.popleft().result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        try:
+            if kind is None:
+                self.finish()
+        finally:
+            if self.pool is not None:
+                for future in self.futures:
+                    future.cancel()
+                self.pool.shutdown(wait=True)
+        return False

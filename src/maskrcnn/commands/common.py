@@ -210,18 +210,6 @@ def model_class_names(model) -> list[str]:
     return ["BG"] + [f"class {i}" for i in range(1, num_classes)]
 
 
-def batches(items, size: int):
-    """Consecutive lists of up to ``size`` items of an iterable, read lazily."""
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def progress(iterable, total=None, desc: str = ""):
     """A tqdm progress bar on stderr, shown only on a terminal."""
     from tqdm import tqdm

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +21,8 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import DataError
-from .common import add_model_arguments, batches, load_model, model_class_names, output_path, progress, runtime_name
+from ..utils import WriteBehind, batches, read_ahead
+from .common import add_model_arguments, load_model, model_class_names, output_path, progress, runtime_name
 
 log = logging.getLogger("maskrcnn")
 
@@ -39,6 +41,8 @@ Unreadable inputs are skipped with a warning and listed at the end (exit status 
 Videos need torchcodec or PyAV installed; animated GIFs are read frame by frame with PIL."""
 
 RESULTS_FILE = "results.json"
+#: At most this many threads draw and write overlays when the model runs on a GPU.
+GPU_PICTURE_WRITERS = 4
 
 
 @dataclass
@@ -182,17 +186,24 @@ def run(args) -> int:
     summary = {"images": 0, "detections": 0}
     skipped: list[str] = []
 
+    batch_size = max(1, args.batch_size)
+    readers, writers = pipeline_threads(getattr(model, "device", None), args.no_overlays)
+
     def write_results(tmp_path):
-        with open(tmp_path, "w", encoding="utf-8") as f:
+        # the next batch is decoded and the last ones' pictures drawn and written while the
+        # model runs: on a GPU these take longer than the model (a 480x640 overlay with 100
+        # instances: ~150 ms to draw and encode, against ~50 ms of detection)
+        with open(tmp_path, "w", encoding="utf-8") as f, WriteBehind(writers) as pictures:
             f.write("[")
             first = True
-            frames = iter_frames(files, scaling, skipped)
-            for batch in batches(progress(frames, total, "detect"), max(1, args.batch_size)):
+            frames = read_ahead(iter_frames(files, scaling, skipped), readers * batch_size)
+            for batch in batches(progress(frames, total, "detect"), batch_size):
                 for frame, det in zip(batch, model.detect([fr.image for fr in batch])):
                     image_id = summary["images"] if image_ids is None else image_ids[frame.file]
                     summary["images"] += 1
                     summary["detections"] += len(det)
-                    _write_picture(frame, det, out, names, class_names, args)
+                    if not args.no_overlays:
+                        pictures.submit(_write_picture, frame, det, out, names, class_names, args)
                     for record in det.to_coco(image_id, getattr(model, "category_ids", None)):
                         record["file_name"] = str(frame.file)
                         if frame.frame is not None:
@@ -210,11 +221,25 @@ def run(args) -> int:
     return 0
 
 
+def pipeline_threads(device, no_overlays: bool = False) -> tuple[int, int]:
+    """(batches read ahead, picture-writing threads) for ``detect`` with a model on ``device``
+    (a torch.device; None for ONNX Runtime): on a CPU one batch ahead and one writer, since the
+    model's own threads use the cores; on a GPU, whose detection is faster than drawing and
+    encoding an overlay, two batches ahead and up to ``GPU_PICTURE_WRITERS`` writers, one per
+    core beyond two.  No writer with ``--no-overlays``."""
+    on_gpu = getattr(device, "type", None) == "cuda"
+    if no_overlays:
+        writers = 0
+    elif on_gpu:
+        writers = max(1, min(GPU_PICTURE_WRITERS, (os.cpu_count() or 1) - 2))
+    else:
+        writers = 1
+    return (2 if on_gpu else 1), writers
+
+
 def _write_picture(frame: Frame, det, out: Path, names: dict, class_names: list[str], args) -> None:
     from ..visualize import color_splash, draw_detections, save_png
 
-    if args.no_overlays:
-        return
     stem = names[frame.file] if frame.frame is None else f"{names[frame.file]}_{frame.frame:06d}"
     picture = color_splash(frame.image, det.masks) if args.splash else draw_detections(frame.image, det, class_names)
     save_png(picture, out / f"{stem}.png")

@@ -8,7 +8,8 @@ import logging
 from pathlib import Path
 
 from ..errors import DataError, MaskRCNNError
-from .common import (add_annotation_arguments, add_model_arguments, at_least, batches, load_model, open_annotations,
+from ..utils import batches, read_ahead
+from .common import (add_annotation_arguments, add_model_arguments, at_least, load_model, open_annotations,
                      output_path, progress, runtime_name)
 
 log = logging.getLogger("maskrcnn")
@@ -118,13 +119,19 @@ def score_model(args, dataset, evaluator, indices, from_coco: bool, skipped: lis
     log.info("running on %s", runtime_name(model))
     dataset.intensity_scaling = IntensityScaling.from_config(model.config)
     mapping = dataset_labels(model, dataset, args.weights)
-    for ids in batches(progress(indices, len(indices), "evaluate"), max(1, args.batch_size)):
-        loaded = []
-        for i in ids:
-            try:
-                loaded.append((i, dataset.load_image(i), _target(dataset, i)))
-            except (DataError, OSError, ValueError) as e:
-                _skip(skipped, dataset, i, e)
+    batch_size = max(1, args.batch_size)
+
+    def load(i: int):
+        try:
+            return i, dataset.load_image(i), _target(dataset, i)
+        except (DataError, OSError, ValueError) as e:
+            _skip(skipped, dataset, i, e)
+            return None
+
+    # the next batch's images and masks are read while the model runs on this one
+    items = read_ahead(map(load, indices), batch_size)
+    for chunk in batches(progress(items, len(indices), "evaluate"), batch_size):
+        loaded = [item for item in chunk if item is not None]
         if not loaded:
             continue
         for (i, _, target), det in zip(loaded, model.detect([image for _, image, _ in loaded])):

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ..utils import batches, read_ahead
 from .distributed import agreed_max, gather_to_main, is_distributed, reduce_mean, unwrap
 
 log = logging.getLogger(__name__)
@@ -276,12 +277,12 @@ def ap_evaluator(dataset, class_names: list[str], batch_size: int = 4, progress:
         evaluator = CocoEvaluator(class_names)
         with tqdm(total=len(dataset), desc="validate", unit="img", leave=False,
                   disable=None if progress and rank == 0 else True) as bar:
-            for start in range(0, len(mine), batch_size):
-                indices = mine[start:start + batch_size]
-                items = [dataset[i] for i in indices]
-                for i, (_, target), found in zip(indices, items, model.detect([image for image, _ in items])):
+            # the next batch is read while the model runs on this one
+            loaded = read_ahead(((i, dataset[i]) for i in mine), batch_size)
+            for chunk in batches(loaded, batch_size):
+                for (i, (_, target)), found in zip(chunk, model.detect([image for _, (image, _) in chunk])):
                     evaluator.add(target, found, image_id=i + 1)
-                bar.update(len(indices) * world)
+                bar.update(len(chunk) * world)
         parts = gather_to_main(evaluator.state())
         if parts is None:
             return {}
