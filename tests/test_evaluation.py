@@ -287,3 +287,18 @@ def test_torchvision_coco_weights_carry_the_91_id_table(monkeypatch, tmp_path):
     names = model.class_names
     assert names[1] == "person" and names[12] == "N/A" and names[13] == "stop sign" and names[90] == "toothbrush"
     assert sum(n == "N/A" for n in names) == 10  # COCO's 80 categories use 80 of the ids 1..90
+
+
+def test_encode_rle_is_pycocotools_on_the_fortran_array():
+    from pycocotools import mask as mask_utils
+
+    from maskrcnn.structures import encode_rle
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(5, 37, 53, generator=g) < 0.3
+    masks[1] = False
+    masks[2] = True
+    expected = mask_utils.encode(np.asfortranarray(masks.numpy().transpose(1, 2, 0).astype(np.uint8)))
+    got = encode_rle(masks)
+    assert [r["counts"].encode() for r in got] == [r["counts"] for r in expected]
+    assert all(r["size"] == [37, 53] for r in got)
+    assert encode_rle(masks.numpy()) == got and encode_rle(torch.zeros(0, 37, 53, dtype=torch.bool)) == []
