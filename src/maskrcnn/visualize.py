@@ -23,6 +23,9 @@ from .utils import atomic_write_bytes
 _HUE_STEP = 0.618033988749895
 _TEXT_BACKGROUND = (0, 0, 0)
 _TEXT_COLOR = (255, 255, 255)
+#: zlib level of the PNGs written: 1, OpenCV's default, encodes photos about 6x faster than
+#: PIL's default 6 (15 against 92 ms for 480x640) for files about 15% larger.
+PNG_COMPRESS_LEVEL = 1
 
 
 def instance_colors(n: int, bright: bool = True) -> list[tuple[int, int, int]]:
@@ -224,9 +227,9 @@ def plot_precision_recall(recall, curves: dict, title: str = "precision-recall",
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of an [H, W, 3] uint8 image."""
+    """PNG bytes of an [H, W, 3] uint8 image, compressed at ``PNG_COMPRESS_LEVEL``."""
     buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 
