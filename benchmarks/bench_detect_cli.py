@@ -93,6 +93,7 @@ def main(argv=None) -> None:
     ap.add_argument("--wait-ms", type=float, default=30.0, help="stand-in detection time per image")
     ap.add_argument("--weights", help="a real model folder instead of the stand-in")
     ap.add_argument("--device", default="cpu", help="with --weights")
+    ap.add_argument("--min-confidence", type=float, help="with --weights: its detection_min_confidence")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `maskrcnn detect` arguments")
     args = ap.parse_args(argv)
@@ -101,7 +102,10 @@ def main(argv=None) -> None:
     write_images(scratch / "images", args.images, height, width)
     if args.weights:
         from maskrcnn import MaskRCNN
-        models = {"model": MaskRCNN.load(args.weights, map_location=args.device)}
+        model = MaskRCNN.load(args.weights, map_location=args.device)
+        if args.min_confidence is not None:
+            model.config.detection_min_confidence = args.min_confidence
+        models = {f"{args.weights} on {args.device}": model}
     else:
         models = {f"stand-in, {args.wait_ms:g} ms, {n} inst": StandIn(args.wait_ms / 1e3, int(n))
                   for n in args.instances.split(",")}

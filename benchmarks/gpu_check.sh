@@ -38,6 +38,9 @@ timeout 90 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 -
   --warmup 1 --profile
 echo "## GPU inference benchmark"
 timeout 100 python3 benchmarks/bench_inference.py --device cuda --reps 5 --stage-reps 1 --no-flops
+echo "## maskrcnn detect over a folder on the GPU: overlapped vs one thread (random COCO-size model, 100 detections)"
+python3 -c "import maskrcnn; maskrcnn.MaskRCNN(maskrcnn.Config.preset('torchvision', num_classes=91)).save('/tmp/gpu_check_model')"
+timeout 90 python3 benchmarks/bench_detect_cli.py --weights /tmp/gpu_check_model --device cuda --min-confidence 0 --rounds 1
 echo "## Training step split: preparation in the step vs in the DataLoader workers (batch 8)"
 timeout 150 python3 benchmarks/gpu_train_utilisation.py --split --device cuda --batch 8 --steps 10
 echo "## GPU utilisation during maskrcnn train (800x1066 COCO, batch 4, default workers)"
