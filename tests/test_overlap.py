@@ -47,24 +47,26 @@ def test_read_ahead_stays_at_most_depth_ahead_and_stops_with_the_consumer():
     assert len(produced) <= 11 + 4 + 1
 
 
-def test_write_behind_runs_every_call_with_bounded_pending_and_raises_errors():
-    done, running, most = [], [0], [0]
+def test_write_behind_returns_results_in_order_with_bounded_pending_and_raises_errors():
+    running, most = [0], [0]
     lock = threading.Lock()
 
-    def write(i):
+    def square(i):
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
-        time.sleep(0.005)
+        time.sleep(0.001 * (i % 4))  # later calls often finish first
         with lock:
             running[0] -= 1
-        done.append(i)
+        return i * i
 
+    results = []
     with WriteBehind(2, pending=3) as writer:
         for i in range(30):
-            writer.submit(write, i)
+            results += writer.submit(square, i)
             assert len(writer.futures) <= 3
-    assert sorted(done) == list(range(30)) and most[0] <= 2
+        results += writer.finish()
+    assert results == [i * i for i in range(30)] and most[0] <= 2
 
     def fail(i):
         if i == 4:
@@ -74,16 +76,14 @@ def test_write_behind_runs_every_call_with_bounded_pending_and_raises_errors():
         with WriteBehind(1) as writer:
             for i in range(10):
                 writer.submit(fail, i)
-    calls = []
     with WriteBehind(0) as writer:  # in the caller's thread, at once
-        writer.submit(calls.append, threading.current_thread().name)
-        assert calls == [threading.current_thread().name]
+        assert writer.submit(lambda: threading.current_thread().name) == [threading.current_thread().name]
 
 
 def test_batches_and_detect_threads():
     assert list(batches(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
     assert pipeline_threads(torch.device("cpu")) == (1, 1)
     assert pipeline_threads(None) == (1, 1)  # ONNX Runtime
-    assert pipeline_threads(torch.device("cpu"), no_overlays=True) == (1, 0)
+    assert pipeline_threads(torch.device("cuda"), no_overlays=True) == (2, 1)
     ahead, writers = pipeline_threads(torch.device("cuda", 0))
     assert ahead == 2 and 1 <= writers <= GPU_PICTURE_WRITERS

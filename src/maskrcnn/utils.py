@@ -125,30 +125,36 @@ def read_ahead(items: Iterable, depth: int) -> Iterator:
 
 
 class WriteBehind:
-    """Run ``fn(*args)`` calls (drawing and writing pictures) in ``workers`` background threads
-    while the caller goes on, at most ``pending`` of them queued or running: submitting more
+    """Run ``fn(*args)`` calls (drawing and writing pictures, encoding results) in ``workers``
+    background threads while the caller goes on, and hand their results back in the order the
+    calls were submitted.  At most ``pending`` calls are queued or running: submitting more
     waits for the oldest, so the memory held stays bounded.  An exception of a call is raised
-    by the :meth:`submit` or :meth:`finish` that waits for it.  ``workers`` 0 runs each call
-    at once in the caller's thread.  Use as a context manager; leaving it waits for every
-    call (and on an exception, cancels the ones not started)."""
+    by the :meth:`submit` or :meth:`finish` that reaches it.  ``workers`` 0 runs each call at
+    once in the caller's thread.  Use as a context manager; leaving it waits for every call
+    (and on an exception, cancels the ones not started)."""
 
     def __init__(self, workers: int, pending: int | None = None):
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="write-behind") if workers > 0 else None
         self.pending = max(1, pending if pending is not None else 2 * workers)
         self.futures: collections.deque = collections.deque()
 
-    def submit(self, fn: Callable, *args) -> None:
+    def submit(self, fn: Callable, *args) -> list:
+        """Queue ``fn(*args)``; returns the results of the oldest calls that have finished
+        (waiting for them while more than ``pending`` are queued), oldest first."""
         if self.pool is None:
-            fn(*args)
-            return
+            return [fn(*args)]
         self.futures.append(self.pool.submit(fn, *args))
-        while len(self.futures) > self.pending:
-            self.futures.popleft().result()
+        done = []
+        while self.futures and (len(self.futures) > self.pending or self.futures[0].done()):
+            done.append(self.futures.popleft().result())
+        return done
 
-    def finish(self) -> None:
-        """Wait for every submitted call; raise the first exception among them."""
+    def finish(self) -> list:
+        """Wait for every submitted call; their results, oldest first."""
+        done = []
         while self.futures:
-            self.futures.popleft().result()
+            done.append(self.futures.popleft().result())
+        return done
 
     def __enter__(self):
         return self

@@ -190,26 +190,28 @@ def run(args) -> int:
     readers, writers = pipeline_threads(getattr(model, "device", None), args.no_overlays)
 
     def write_results(tmp_path):
-        # the next batch is decoded and the last ones' pictures drawn and written while the
-        # model runs: on a GPU these take longer than the model (a 480x640 overlay with 100
-        # instances: ~150 ms to draw and encode, against ~50 ms of detection)
-        with open(tmp_path, "w", encoding="utf-8") as f, WriteBehind(writers) as pictures:
+        # the next batch is decoded, and the last ones' pictures drawn and written and their
+        # results encoded, while the model runs: on a GPU these take longer than the model
+        with open(tmp_path, "w", encoding="utf-8") as f, WriteBehind(writers) as behind:
             f.write("[")
             first = True
+
+            def write_records(done: list) -> None:
+                nonlocal first
+                for lines in done:
+                    for line in lines:
+                        f.write(("\n" if first else ",\n") + line)
+                        first = False
+
             frames = read_ahead(iter_frames(files, scaling, skipped), readers * batch_size)
             for batch in batches(progress(frames, total, "detect"), batch_size):
                 for frame, det in zip(batch, model.detect([fr.image for fr in batch])):
                     image_id = summary["images"] if image_ids is None else image_ids[frame.file]
                     summary["images"] += 1
                     summary["detections"] += len(det)
-                    if not args.no_overlays:
-                        pictures.submit(_write_picture, frame, det, out, names, class_names, args)
-                    for record in det.to_coco(image_id, getattr(model, "category_ids", None)):
-                        record["file_name"] = str(frame.file)
-                        if frame.frame is not None:
-                            record["frame"] = frame.frame
-                        f.write(("\n" if first else ",\n") + json.dumps(record))
-                        first = False
+                    write_records(behind.submit(_finish_frame, frame, det, image_id, out, names, class_names,
+                                                getattr(model, "category_ids", None), args))
+            write_records(behind.finish())
             f.write("\n]\n")
 
     atomic_write_with(out / RESULTS_FILE, write_results)
@@ -222,19 +224,34 @@ def run(args) -> int:
 
 
 def pipeline_threads(device, no_overlays: bool = False) -> tuple[int, int]:
-    """(batches read ahead, picture-writing threads) for ``detect`` with a model on ``device``
-    (a torch.device; None for ONNX Runtime): on a CPU one batch ahead and one writer, since the
+    """(batches read ahead, writing threads) for ``detect`` with a model on ``device`` (a
+    torch.device; None for ONNX Runtime): on a CPU one batch ahead and one writer, since the
     model's own threads use the cores; on a GPU, whose detection is faster than drawing and
     encoding an overlay, two batches ahead and up to ``GPU_PICTURE_WRITERS`` writers, one per
-    core beyond two.  No writer with ``--no-overlays``."""
+    core beyond two (one with ``--no-overlays``: the writers then only encode results)."""
     on_gpu = getattr(device, "type", None) == "cuda"
     if no_overlays:
-        writers = 0
+        writers = 1
     elif on_gpu:
         writers = max(1, min(GPU_PICTURE_WRITERS, (os.cpu_count() or 1) - 2))
     else:
         writers = 1
     return (2 if on_gpu else 1), writers
+
+
+def _finish_frame(frame: Frame, det, image_id, out: Path, names: dict, class_names: list[str], category_ids,
+                  args) -> list[str]:
+    """Write the frame's picture (unless --no-overlays); returns its COCO result records as
+    JSON texts."""
+    if not args.no_overlays:
+        _write_picture(frame, det, out, names, class_names, args)
+    lines = []
+    for record in det.to_coco(image_id, category_ids):
+        record["file_name"] = str(frame.file)
+        if frame.frame is not None:
+            record["frame"] = frame.frame
+        lines.append(json.dumps(record))
+    return lines
 
 
 def _write_picture(frame: Frame, det, out: Path, names: dict, class_names: list[str], args) -> None:
