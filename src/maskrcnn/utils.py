@@ -127,15 +127,16 @@ def read_ahead(items: Iterable, depth: int) -> Iterator:
 class WriteBehind:
     """Run ``fn(*args)`` calls (drawing and writing pictures, encoding results) in ``workers``
     background threads while the caller goes on, and hand their results back in the order the
-    calls were submitted.  At most ``pending`` calls are queued or running: submitting more
-    waits for the oldest, so the memory held stays bounded.  An exception of a call is raised
+    calls were submitted.  At most ``pending`` calls (default ``workers``) are queued or
+    running: submitting more waits for the oldest, so the memory held stays bounded (each call
+    holds its arguments: for ``detect``, an image and its full-size masks).  An exception of a call is raised
     by the :meth:`submit` or :meth:`finish` that reaches it.  ``workers`` 0 runs each call at
     once in the caller's thread.  Use as a context manager; leaving it waits for every call
     (and on an exception, cancels the ones not started)."""
 
     def __init__(self, workers: int, pending: int | None = None):
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="write-behind") if workers > 0 else None
-        self.pending = max(1, pending if pending is not None else 2 * workers)
+        self.pending = max(1, pending if pending is not None else workers)
         self.futures: collections.deque = collections.deque()
 
     def submit(self, fn: Callable, *args) -> list:

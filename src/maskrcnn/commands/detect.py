@@ -230,13 +230,9 @@ def pipeline_threads(device, no_overlays: bool = False) -> tuple[int, int]:
     encoding an overlay, two batches ahead and up to ``GPU_PICTURE_WRITERS`` writers, one per
     core beyond two (one with ``--no-overlays``: the writers then only encode results)."""
     on_gpu = getattr(device, "type", None) == "cuda"
-    if no_overlays:
-        writers = 1
-    elif on_gpu:
-        writers = max(1, min(GPU_PICTURE_WRITERS, (os.cpu_count() or 1) - 2))
-    else:
-        writers = 1
-    return (2 if on_gpu else 1), writers
+    if on_gpu and not no_overlays:
+        return 2, max(1, min(GPU_PICTURE_WRITERS, (os.cpu_count() or 1) - 2))
+    return (2 if on_gpu else 1), 1
 
 
 def _finish_frame(frame: Frame, det, image_id, out: Path, names: dict, class_names: list[str], category_ids,
