@@ -65,6 +65,14 @@ def import_extra(module: str, extra: str, purpose: str):
                             f"pip install 'maskrcnn[{extra}]'") from None
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's or taskset's share,
+    not the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def batches(items, size: int):
     """Consecutive lists of up to ``size`` items of an iterable, read lazily."""
     batch = []

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import DataError
-from ..utils import WriteBehind, batches, read_ahead
+from ..utils import WriteBehind, batches, read_ahead, usable_cores
 from .common import add_model_arguments, load_model, model_class_names, output_path, progress, runtime_name
 
 log = logging.getLogger("maskrcnn")
@@ -231,7 +230,7 @@ def pipeline_threads(device, no_overlays: bool = False) -> tuple[int, int]:
     core beyond two (one with ``--no-overlays``: the writers then only encode results)."""
     on_gpu = getattr(device, "type", None) == "cuda"
     if on_gpu and not no_overlays:
-        return 2, max(1, min(GPU_PICTURE_WRITERS, (os.cpu_count() or 1) - 2))
+        return 2, max(1, min(GPU_PICTURE_WRITERS, usable_cores() - 2))
     return (2 if on_gpu else 1), 1
 
 

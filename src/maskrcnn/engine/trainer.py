@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..config import LAYER_REGIMES
 from ..data.dataset import collate
 from ..errors import MaskRCNNError
-from ..utils import atomic_write_bytes
+from ..utils import atomic_write_bytes, usable_cores
 from . import checkpoint as ckpt
 from .distributed import DistInfo, agreed_max, barrier, unwrap, wrap_model
 from .hooks import Checkpointer, Evaluation, HookBase, MetricsLogger, TimeBudget, ap_evaluator
@@ -64,9 +64,8 @@ def default_workers(device: torch.device) -> int:
     ``CPU_WORKERS`` and ``CUDA_WORKERS_MAX``."""
     if torch.device(device).type != "cuda":
         return CPU_WORKERS
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(CPU_WORKERS, min(CUDA_WORKERS_MAX, cores // local - 1))
+    return max(CPU_WORKERS, min(CUDA_WORKERS_MAX, usable_cores() // local - 1))
 
 
 def seed_everything(seed: int) -> None:
