@@ -128,3 +128,17 @@ def test_mask_head_batch_padded_to_the_cuda_bucket(monkeypatch):
         torch.testing.assert_close(padded_losses[k], v, rtol=1e-5, atol=1e-7, msg=k)
     for g, pg in zip(grads, padded_grads):
         torch.testing.assert_close(pg, g, rtol=1e-4, atol=1e-6)
+
+
+def test_device_constants_reach_the_gpu_without_waiting_for_it():
+    """``device_constant`` copies through pinned memory without a stream synchronisation (a
+    copy from ordinary host memory makes the host wait for every queued kernel), once."""
+    from maskrcnn.device import device_constant
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first = device_constant((1.0, 0.5, 2.0, 3.0), "cuda")
+        again = device_constant((1.0, 0.5, 2.0, 3.0), torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert again is first and first.device.type == "cuda"
+    assert first.cpu().tolist() == [1.0, 0.5, 2.0, 3.0]

@@ -273,3 +273,20 @@ def test_mask_head_logits_of_the_given_classes_only():
             picked = head(x, ids)
             assert picked.shape == (5, 28, 28)
             torch.testing.assert_close(picked, full[torch.arange(5), ids], atol=1e-5, rtol=1e-5)
+
+
+def test_device_constant_is_made_once_off_the_cpu_and_fresh_on_it():
+    """Host-known values (std-devs, windows, the mean pixel) reach a GPU once, not with a
+    blocking copy at every call; on the CPU each call gets its own tensor, as torch.tensor."""
+    from maskrcnn.device import device_constant
+    a, b = device_constant((0.1, 0.1, 0.2, 0.2), "cpu"), device_constant((0.1, 0.1, 0.2, 0.2), "cpu")
+    assert a is not b and torch.equal(a, torch.tensor([0.1, 0.1, 0.2, 0.2]))
+    two = device_constant(2.0, "cpu", torch.float64)
+    assert two.shape == () and two.dtype == torch.float64 and two.item() == 2.0
+    with torch.inference_mode():  # first made inside a detect ...
+        kept = device_constant((0.1, 0.1, 0.2, 0.2), "meta")
+    again = device_constant([0.1, 0.1, 0.2, 0.2], "meta")
+    assert again is kept and kept.shape == (4,) and kept.dtype == torch.float32
+    assert not kept.is_inference() and not kept.requires_grad  # ... usable by training afterwards
+    assert device_constant((0.1, 0.1, 0.2, 0.2), "meta", torch.float64) is not kept
+    assert device_constant((0.1, 0.1, 0.2, 0.3), "meta") is not kept

@@ -16,6 +16,8 @@ import torch
 import torchvision
 from torchvision.ops import box_iou  # noqa: F401  (re-exported: IoU is torchvision's)
 
+from .device import device_constant
+
 
 def std_xy(std_dev) -> tuple:
     """Matterport's std-dev order (dy, dx, dh, dw) to ours (dx, dy, dw, dh)."""
@@ -41,7 +43,7 @@ def apply_box_deltas(boxes: torch.Tensor, deltas: torch.Tensor, std=(1.0, 1.0, 1
     clip_log_size: upper clamp on log dw, log dh (torchvision: log(1000/16)); None = no clamp.
     Returns [..., (x1, y1, x2, y2)] in the same frame.
     """
-    std = deltas.new_tensor(std)
+    std = device_constant(std, deltas.device, deltas.dtype)
     deltas = deltas * std
     cx, cy, width, height = centres_and_sizes(boxes)
     dw, dh = deltas[..., 2], deltas[..., 3]
@@ -67,7 +69,7 @@ def box_deltas(boxes: torch.Tensor, targets: torch.Tensor, std=(1.0, 1.0, 1.0, 1
     t_cx, t_cy, t_width, t_height = centres_and_sizes(targets)
     deltas = torch.stack([(t_cx - cx) / width, (t_cy - cy) / height,
                           torch.log(t_width / width), torch.log(t_height / height)], dim=-1)
-    return deltas / deltas.new_tensor(std)
+    return deltas / device_constant(std, deltas.device, deltas.dtype)
 
 
 def clip_boxes(boxes: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -92,13 +94,13 @@ def _frame_scale(boxes: torch.Tensor, height, width) -> torch.Tensor:
 
 def normalize_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Pixel corners (x2, y2 exclusive) of a ``height`` x ``width`` image -> normalized frame."""
-    shift = boxes.new_tensor([0, 0, 1, 1])
+    shift = device_constant((0, 0, 1, 1), boxes.device, boxes.dtype)
     return (boxes - shift) / _frame_scale(boxes, height, width)
 
 
 def denormalize_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Normalized frame -> pixel corners of a ``height`` x ``width`` image (not rounded)."""
-    shift = boxes.new_tensor([0, 0, 1, 1])
+    shift = device_constant((0, 0, 1, 1), boxes.device, boxes.dtype)
     return boxes * _frame_scale(boxes, height, width) + shift
 
 

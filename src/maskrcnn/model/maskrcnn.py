@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import boxes as box_ops
 from ..config import LAYER_REGIMES, Config
+from ..device import device_constant
 from ..structures import Detections
 from . import conv
 from .anchors import pyramid_anchors, torchvision_strides
@@ -115,7 +116,7 @@ class MaskRCNN(nn.Module):
     def frame_window(self, meta: ImageMeta, image_shape: tuple[int, int], device) -> torch.Tensor:
         """The image's real content (x1, y1, x2, y2) in the model's box frame."""
         y1, x1, y2, x2 = meta.window
-        w = torch.tensor([x1, y1, x2, y2], dtype=torch.float32, device=device)
+        w = device_constant((x1, y1, x2, y2), device)
         if self.config.box_frame == "normalized":
             w = box_ops.normalize_boxes(w, *image_shape)
         return w
@@ -124,7 +125,7 @@ class MaskRCNN(nn.Module):
         """Where proposals are clipped: the whole molded image (normalized frame, as Matterport)
         or the image's content (pixel frame, as torchvision)."""
         if self.config.box_frame == "normalized":
-            return torch.tensor([0.0, 0.0, 1.0, 1.0], device=device)
+            return device_constant((0.0, 0.0, 1.0, 1.0), device)
         return self.frame_window(meta, image_shape, device)
 
     # ------------------------------------------------------------------ stages

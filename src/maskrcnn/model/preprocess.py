@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..device import device_constant
 from ..errors import DataError
 
 
@@ -169,10 +170,10 @@ def normalize_uint8(image: torch.Tensor, mean_pixel, std_pixel=None) -> torch.Te
     """[3, H, W] uint8 on any device -> [3, H, W] float32 there: ``image - mean_pixel`` in float64
     rounded to float32 (Matterport's numbers), then divided by ``std_pixel`` in float32 when given.
     Each value is one correctly rounded operation, so the CPU and a GPU give the same bits."""
-    mean = torch.tensor(mean_pixel, dtype=torch.float64, device=image.device)[:, None, None]
+    mean = device_constant(tuple(mean_pixel), image.device, torch.float64)[:, None, None]
     x = (image.double() - mean).float()
     if std_pixel is not None:
-        x = x / torch.tensor(std_pixel, dtype=torch.float32, device=image.device)[:, None, None]
+        x = x / device_constant(tuple(std_pixel), image.device)[:, None, None]
     return x
 
 
@@ -192,8 +193,8 @@ def mold_torchvision(image: torch.Tensor, mean_pixel, std_pixel, min_dim: int, m
     """torchvision's normalize-then-resize.  image: [3, H, W] uint8 on any device.
     Returns ([3, H', W'] float32, window (0, 0, H', W'), scale)."""
     x = image.float() / 255
-    mean = torch.tensor([m / 255 for m in mean_pixel], dtype=torch.float32, device=x.device)
-    std = torch.tensor([s / 255 for s in std_pixel], dtype=torch.float32, device=x.device)
+    mean = device_constant(tuple(m / 255 for m in mean_pixel), x.device)
+    std = device_constant(tuple(s / 255 for s in std_pixel), x.device)
     x = (x - mean[:, None, None]) / std[:, None, None]
     scale = torchvision_scale(*x.shape[-2:], min_dim, max_dim)
     x = F.interpolate(x[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,

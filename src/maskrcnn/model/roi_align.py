@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torchvision.ops import roi_align
 
+from ..device import device_constant
+
 CANONICAL_SIZE = 224.0  # FPN paper eq. 1: a 224x224 box maps to level 4
 CANONICAL_LEVEL = 4
 
@@ -97,9 +99,9 @@ def matterport_levels(boxes: torch.Tensor, image_shape: tuple[int, int], min_lev
     boxes: [R, (x1, y1, x2, y2)] normalized.  Returns [R] int64 in [min_level, max_level]."""
     w = boxes[:, 2] - boxes[:, 0]
     h = boxes[:, 3] - boxes[:, 1]
-    image_area = torch.tensor(float(image_shape[0] * image_shape[1]), dtype=boxes.dtype, device=boxes.device)
+    image_area = device_constant(float(image_shape[0] * image_shape[1]), boxes.device, boxes.dtype)
     ratio = torch.sqrt(h * w) / (CANONICAL_SIZE / torch.sqrt(image_area))
-    level = torch.log(ratio) / torch.log(torch.tensor(2.0, dtype=boxes.dtype, device=boxes.device))
+    level = torch.log(ratio) / torch.log(device_constant(2.0, boxes.device, boxes.dtype))
     # -inf (zero-area padding boxes) rounds to -inf and lands on the lowest level, as in TF.
     level = CANONICAL_LEVEL + torch.round(level).clamp(min=-100, max=100)
     return level.clamp(min_level, max_level).long()
@@ -213,6 +215,19 @@ def roi_align_cpu(feature: torch.Tensor, rois: torch.Tensor, output_size: int, s
                          _axis_samples(xs, w, (xs >= -1.0) & (xs <= w)), output_size, output_size, s, s, 1.0 / (s * s))
 
 
+def boxes_by_level(levels: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """Indices of the boxes on each level, ascending: ``[nonzero(levels == l) for l < count]``.
+
+    levels: [R] int64 in [0, count).  Returns ``count`` int64 tensors.  One stable sort and one
+    read of the level sizes, where a ``nonzero`` per level makes the host wait for the GPU once
+    per level; while exporting a graph, where sizes are unknown, the ``nonzero`` form.
+    """
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        return [torch.nonzero(levels == lvl).squeeze(1) for lvl in range(count)]
+    order = torch.sort(levels, stable=True).indices
+    return list(order.split(torch.bincount(levels, minlength=count).tolist()))
+
+
 def pyramid_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor], output_size: int,
                       image_shape: tuple[int, int], strides, mode: str = "crop_and_resize",
                       sampling_ratio: int = 2) -> torch.Tensor:
@@ -234,8 +249,7 @@ def pyramid_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor], o
         levels = torchvision_levels(all_boxes, min_level, max_level)
     c = features[0].shape[1]
     out = features[0].new_zeros(all_boxes.shape[0], c, output_size, output_size)
-    for i, feature in enumerate(features):
-        idx = torch.nonzero(levels == min_level + i).squeeze(1)
+    for i, (feature, idx) in enumerate(zip(features, boxes_by_level(levels - min_level, len(features)))):
         if guard_or_false(idx.numel() == 0):  # unknown while exporting: pool (maybe nothing)
             continue
         if mode == "crop_and_resize":

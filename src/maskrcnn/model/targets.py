@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou, roi_align
 
 from ..boxes import box_deltas
+from ..device import device_constant
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def crop_mask_targets(gt_masks: torch.Tensor, gt_index: torch.Tensor, rois: torc
     """
     if gt_boxes is not None:
         box = gt_boxes.to(rois.dtype)[gt_index]
-        size = rois.new_tensor([gt_masks.shape[2], gt_masks.shape[1]] * 2)
+        size = device_constant((gt_masks.shape[2], gt_masks.shape[1]) * 2, rois.device, rois.dtype)
         origin = box[:, [0, 1, 0, 1]]
         extent = (box[:, 2:] - box[:, :2]).clamp(min=1e-6)[:, [0, 1, 0, 1]]
         rois = (rois - origin) / extent * size

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .. import boxes as box_ops
 from ..config import MASK_BATCH_BUCKET_CUDA
+from ..device import device_constant
 from ..errors import DataError
 from . import losses as L
 from .preprocess import (ImageMeta, as_chw_uint8, as_hwc_uint8, mold_images, mold_resized_images,
@@ -99,7 +100,7 @@ def scale_target(target: dict, meta: ImageMeta, device=None, max_instances: int 
         boxes = scale_boxes(target["boxes"], meta, masks.device)
     else:
         boxes = box_ops.masks_to_boxes(resized)
-        boxes[resized.flatten(1).any(dim=1)] += boxes.new_tensor([x1, y1, x1, y1])
+        boxes[resized.flatten(1).any(dim=1)] += device_constant((x1, y1, x1, y1), boxes.device)
     return dict(scaled, masks=resized, boxes=boxes)
 
 
@@ -110,7 +111,7 @@ def scale_boxes(boxes, meta: ImageMeta, device) -> torch.Tensor:
     h, w = meta.original_shape
     sx, sy = (x2 - x1) / w, (y2 - y1) / h
     boxes = torch.as_tensor(boxes, device=device, dtype=torch.float32).reshape(-1, 4)
-    return boxes * boxes.new_tensor([sx, sy, sx, sy]) + boxes.new_tensor([x1, y1, x1, y1])
+    return boxes * device_constant((sx, sy, sx, sy), boxes.device) + device_constant((x1, y1, x1, y1), boxes.device)
 
 
 def place_target(scaled: dict, image_shape) -> dict:
