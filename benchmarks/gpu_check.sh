@@ -21,6 +21,8 @@ if [ "$mode" = quick ]; then
   # the CUDA tests, then the step's split; the caps add up to under the device's 600 s per call
   echo "## GPU training benchmark"
   timeout 180 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark on,off --reps 3
+  echo "## Where the GPU waits for the host (synchronising calls, ops)"
+  timeout 90 python3 benchmarks/gpu_syncs.py
   timeout 100 python3 benchmarks/bench_gpu_train.py --stages --cases large --amp fp32,bf16 --reps 3
   timeout 90 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark off --reps 1 \
     --warmup 1 --profile
@@ -36,6 +38,8 @@ timeout 150 python3 benchmarks/bench_gpu_train.py --cases small,large --amp fp32
 timeout 120 python3 benchmarks/bench_gpu_train.py --stages --cases large --amp fp32,bf16 --reps 3
 timeout 90 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark off --reps 1 \
   --warmup 1 --profile
+echo "## Where the GPU waits for the host (synchronising calls, ops)"
+timeout 90 python3 benchmarks/gpu_syncs.py
 echo "## GPU inference benchmark"
 timeout 100 python3 benchmarks/bench_inference.py --device cuda --reps 5 --stage-reps 1 --no-flops
 echo "## maskrcnn detect over a folder on the GPU: overlapped vs one thread (random COCO-size model, 100 detections)"

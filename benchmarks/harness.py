@@ -207,9 +207,23 @@ class DispatchCounter(TorchDispatchMode):
             frame = frame.f_back
         where = "autograd / elsewhere" if frame is None else f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
         self.callers[where] += 1
-        if name in self.SYNCING or (name == "where" and len(args) == 1):  # torch.where(cond): nonzero
+        if name in self.SYNCING or (name == "where" and len(args) == 1) or self._masked_index(name, args):
             self.sync_sites[where] += 1
         return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _masked_index(name: str, args) -> bool:
+        """``x[mask]`` / ``x[mask] = values`` with a bool mask: the kernel finds the mask's size
+        with ``nonzero``, which reads it back on the host (the dispatch shows only ``index`` or
+        ``index_put_``).  Counted on a CPU run, so a mask that stays on the host in a GPU run
+        (e.g. ``unmold``'s, after ``.cpu()``) counts too."""
+        if name not in ("index", "index_put_", "index_put", "_index_put_impl_") or len(args) < 2:
+            return False
+        masks = [t for t in args[1] if t is not None and t.dtype in (torch.bool, torch.uint8)]
+        if name != "index" and len(masks) == 1 and len(args) > 2 and args[2].numel() == 1 \
+                and args[2].device.type == "cpu":
+            return False  # ``x[mask] = number``: a masked_fill_, no read-back
+        return bool(masks)
 
     @property
     def total(self) -> int:
