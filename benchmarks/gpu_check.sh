@@ -17,18 +17,20 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 if [ "$mode" = quick ]; then
-  # issue 13 first (the table at batch 8 with ROI counts, then where each model's time goes),
-  # the CUDA tests, then the step's split; the caps add up to under the device's 600 s per call
+  # issue 13's numbers first (training at batch 8, the CUDA tests, inference, where the GPU
+  # waits, utilisation during train); each step is capped and the caps add up to under the
+  # device's 600 s per call, so a slow step costs its own rows only
   echo "## GPU training benchmark"
-  timeout 180 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark on,off --reps 3
-  echo "## Where the GPU waits for the host (synchronising calls, ops)"
-  timeout 90 python3 benchmarks/gpu_syncs.py
-  timeout 100 python3 benchmarks/bench_gpu_train.py --stages --cases large --amp fp32,bf16 --reps 3
-  timeout 90 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark off --reps 1 \
-    --warmup 1 --profile
+  timeout 170 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark on,off --reps 3
   echo "## CUDA tests"
   timeout 100 python3 -m pytest tests/test_cuda.py tests/test_amp.py -q -p no:cacheprovider 2>&1 | tail -15
-  timeout 100 python3 benchmarks/gpu_train_utilisation.py --split --device cuda --batch 8 --steps 10
+  echo "## GPU inference benchmark"
+  timeout 80 python3 benchmarks/bench_inference.py --device cuda --cases 2 --reps 5 --stage-reps 1 --no-flops
+  echo "## Where the GPU waits for the host (synchronising calls, ops)"
+  timeout 70 python3 benchmarks/gpu_syncs.py
+  echo "## GPU utilisation during maskrcnn train (800x1066 COCO, batch 4, default workers)"
+  timeout 90 python3 benchmarks/gpu_train_utilisation.py --images 32 --steps 40 --batch 4 --skip 25 \
+    --extra --set backbone=resnet50
   exit 0
 fi
 echo "## CUDA tests"
