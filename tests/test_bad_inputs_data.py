@@ -5,6 +5,7 @@ never a traceback, a crash inside pycocotools or an allocation the size of the m
 The cases that once crashed the process or ate 17 GB (NaN / 1e300 coordinates, absurd RLE and
 image sizes) also run as real ``maskrcnn check-data`` and ``maskrcnn train --steps 1``
 processes under an address-space cap (RLIMIT_AS)."""
+import base64
 import json
 import struct
 import subprocess
@@ -35,6 +36,24 @@ def coco(**changes):
     data["categories"][0].update(changes.get("category", {}))
     data["annotations"][0].update(changes.get("annotation", {}))
     return changes["data"](data) if "data" in changes else data
+
+
+def png_header_bytes(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` 8-bit grey pixels, with one tiny
+    compressed row: a decoder that trusts the header allocates width * height bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+def labelme_mask(mask, points=((10, 5), (19, 14))) -> dict:
+    """A labelme 5.5+ mask shape (what its AI-mask tool writes) carrying ``mask``: bytes are
+    base64-encoded, anything else is written as it is."""
+    if isinstance(mask, bytes):
+        mask = base64.b64encode(mask).decode("ascii")
+    return {"shape_type": "mask", "points": [list(p) for p in points], "mask": mask}
 
 
 def labelme(shape=None, **top):
@@ -109,6 +128,12 @@ JSON_CASES = [
     ("labelme-height-abc", "labelme", labelme(imageHeight="abc"), "height must be a positive integer"),
     ("labelme-size-huge", "labelme", labelme(imageHeight=10 ** 6, imageWidth=10 ** 6), "is more than the"),
     ("labelme-shapes-not-list", "labelme", labelme(shapes={"0": {}}), "not a labelme file"),
+    ("labelme-mask-null", "labelme", labelme(labelme_mask(None)), "a mask shape needs its 'mask' as a base64 PNG string, not null"),
+    ("labelme-mask-number", "labelme", labelme(labelme_mask(7)), "a mask shape needs its 'mask' as a base64 PNG string, not 7"),
+    ("labelme-mask-three-points", "labelme", labelme(labelme_mask(b"x", ((1, 1), (5, 5), (9, 9)))), "a mask shape needs 2 points"),
+    ("labelme-mask-not-base64", "labelme", labelme(labelme_mask("not base64!")), "'mask' is not base64 text"),
+    ("labelme-mask-not-png", "labelme", labelme(labelme_mask(b"GIF? no, text")), "not an image file"),
+    ("labelme-mask-huge-png", "labelme", labelme(labelme_mask(png_header_bytes(100000, 100000))), "'mask': image too large"),
     ("via-nan-x", "via", via(poly_x([10, float("nan"), 30])), "coordinate nan is not finite"),
     ("via-1e300-x", "via", via(poly_x([10, 1e300, 30])), "coordinate 1e+300 is beyond"),
     ("via-string-x", "via", via(poly_x([10, "30", 30])), 'coordinate "30" is not a number'),
@@ -120,7 +145,7 @@ JSON_CASES = [
 
 #: Cases that crashed or exhausted memory before: also run as capped processes.
 ONCE_BLEW_UP = ["coco-nan-vertex", "coco-1e300-vertex", "coco-rle-huge-size", "coco-rle-runs-overflow",
-                "labelme-nan-point"]
+                "labelme-nan-point", "labelme-mask-huge-png"]
 
 
 def write_case(root: Path, kind: str, content) -> list[str]:
@@ -154,13 +179,8 @@ def test_bad_annotation_file_is_one_error_line(tmp_path, capsys, case, kind, con
 
 
 def png_header_only(path: Path, width: int, height: int) -> None:
-    """A PNG whose header claims ``width`` x ``height`` 8-bit grey pixels, with one tiny
-    compressed row: a decoder that trusts the header allocates width * height bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-                     + chunk(b"IEND", b""))
+    """Write :func:`png_header_bytes` to ``path``."""
+    path.write_bytes(png_header_bytes(width, height))
 
 
 IMAGE_CASES = [

@@ -85,7 +85,8 @@ def test_labelme_planted_problems(tmp_path):
     lines = [str(p) for p in report.problems]
     bad = folder / "bad.json"
     expected = [
-        f"{bad}: shape 2 ('car'): shape type 'line' is not a region (use polygon, rectangle, circle); skipped",
+        f"{bad}: shape 2 ('car'): shape type 'line' is not a region (use polygon, rectangle, circle, "
+        "oriented_rectangle, mask); skipped",
         f"{folder / 'street.json'}: annotates street.png, which bad.json annotates too",
         f"{bad}: shape 0 ('person'): degenerate polygon: 2 points (needs at least 3)",
         f"{bad}: shape 1 ('car'): polygon outside the image: x 40..60, y 20..40 in a 48x32 image; clipped to the image",

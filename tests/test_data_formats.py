@@ -151,8 +151,106 @@ def test_labelme_non_region_shape_recorded(tmp_path):
                                    "imagePath": "../a.png"})
     ds = read_labelme(folder)
     assert [str(p) for p in ds.problems] == [f"{folder / 'a.json'}: shape 0 ('x'): shape type 'line' is not a "
-                                             "region (use polygon, rectangle, circle); skipped"]
+                                             "region (use polygon, rectangle, circle, oriented_rectangle, mask); "
+                                             "skipped"]
     assert ds.load_mask(0)[0].shape == (10, 10, 0)
+
+
+#: The "octagon" of labelme 6.3.1's examples/primitives/primitives.json (MIT licence, Kentaro
+#: Wada): a mask shape from labelme's AI-mask tool, a 100x100 base64 PNG (mode L) placed by its box.
+OCTAGON_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAGQAAABkCAAAAABVicqIAAABd0lEQVR4nN3aUYrDMAwE0Bnd/86zdMt2aWI7TqwRJPooFGS9SE5DwSH"
+    "OBV8furLoQq48CDfflY6005SJ9JOUhBxlaB2Z6VRryPRtoatlztzdGDLMIcYMk4Shw0SiyzCV6DBMJppM5BvgGEkxsCuz6QQWJUZXkB"
+    "XhKcsuktkIe0hqsI24dgS+TtpIdiNsIcYIX2nuEd+2wzoubhFnI7BuPL8RayO4+y2Mz4CiYFowj4v/iLkRPGDj8R5SFEwLVeOiFeB"
+    "TNh6vVsK/7SgaF+0En7LxeBDCCkSPGRdCFQjsoapbWGZBdT9GVSDeUOWzS8b6+kPsER/OjfhCv5+FT2FVIK7QF6L7dqINort2ogoEO8"
+    "Q5r/CVVgPRHTtRE9H9OlEHsbUSrsJdJLEVdRFXRN9fCQ0Qj4ENktOK7CemODzMzGhGc9dN+wHzgiP3mwU4feh/ntFCnUlGq1XofqV"
+    "kJkerBQ6ztLZ8JlELaydTdXnldLL1zzMvPAt+AJy8O66XXMiCAAAAAElFTkSuQmCC")
+
+
+def primitives_json(**shape_changes) -> dict:
+    """labelme 6.3.1's own examples/primitives/primitives.json (written by labelme 5.7.0),
+    shapes as in the file; ``shape_changes`` replace the octagon's keys."""
+    def shape(label, points, kind, mask=None, description=None):
+        return {"label": label, "points": points, "group_id": None, "description": description,
+                "shape_type": kind, "flags": {}, "mask": mask}
+    octagon = dict(shape("octagon", [[417.39759036144574, 305.0], [516.3975903614457, 404.0]], "mask",
+                         OCTAGON_PNG, ""), **shape_changes)
+    return {"version": "5.7.0", "flags": {}, "shapes": [
+        shape("rectangle", [[32.0, 35.0], [132.0, 135.0]], "rectangle"),
+        shape("circle", [[195.0, 84.0], [225.0, 125.0]], "circle"),
+        shape("rectangle", [[391.0, 33.0], [542.0, 135.0]], "rectangle"),
+        shape("polygon", [[69.0, 318.0], [45.0, 403.0], [173.0, 406.0], [198.0, 321.0]], "polygon"),
+        shape("line", [[188.0, 178.0], [160.0, 224.0]], "line"),
+        shape("point", [[345.0, 174.0]], "point"),
+        shape("line_strip", [[440.53703703703707, 181.46296296296293], [402.53703703703707, 274.46296296296293],
+                             [544.5370370370371, 275.46296296296293]], "linestrip"),
+        octagon], "imagePath": "primitives.jpg", "imageData": None, "imageHeight": 450, "imageWidth": 560}
+
+
+def octagon_pixels() -> np.ndarray:
+    """The octagon PNG as labelme itself pastes it: ``mask[y1:y2 + 1, x1:x2 + 1] = png`` with
+    the points cast to int."""
+    import base64
+    import io
+    png = np.asarray(Image.open(io.BytesIO(base64.b64decode(OCTAGON_PNG)))) > 0
+    full = np.zeros((450, 560), dtype=bool)
+    full[305:405, 417:517] = png
+    return full
+
+
+def test_labelme_mask_shapes_from_labelmes_own_example(tmp_path):
+    """labelme's AI-mask tool writes ``shape_type: "mask"``: the instance is read, pixel for pixel
+    as labelme pastes it, not skipped; the regions around it are read as before."""
+    folder = tmp_path / "primitives"
+    folder.mkdir()
+    Image.new("RGB", (560, 450), (200, 200, 200)).save(folder / "primitives.jpg")
+    write_json(folder / "primitives.json", primitives_json())
+    ds = read_labelme(folder)
+    masks, class_ids = ds.load_mask(0)
+    names = [ds.class_names[i] for i in class_ids]
+    assert names == ["rectangle", "circle", "rectangle", "polygon", "octagon"]
+    octagon = masks[:, :, names.index("octagon")]
+    assert octagon.sum() == 7275
+    np.testing.assert_array_equal(octagon, octagon_pixels())
+    assert [p.where for p in ds.problems] == ["shape 4 ('line')", "shape 5 ('point')", "shape 6 ('line_strip')"]
+    image, target = TorchDataset(ds)[0]   # what training reads
+    assert target["masks"].shape == (5, 450, 560) and int(target["masks"][4].sum()) == 7275
+
+
+def test_labelme_mask_shape_fixed_and_reported(tmp_path):
+    """A mask reaching past the image is clipped, a PNG whose size disagrees with its box is
+    placed by the box's corner: both reported as warnings, the instance kept; a mask shape
+    grouped with a polygon is one instance; oriented rectangles are regions; without
+    imageHeight/imageWidth the image's own size is used."""
+    from maskrcnn.data.dataset import WARNING
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    Image.new("RGB", (560, 450)).save(folder / "primitives.jpg")
+    moved = primitives_json(points=[[500.2, 400.0], [599.2, 499.0]])   # 60 columns, 50 rows inside
+    write_json(folder / "moved.json", moved)
+    data = primitives_json(points=[[417.9, 305.0], [466.0, 354.0]], group_id=3)   # box 50x50, PNG 100x100
+    data["shapes"] = [data["shapes"][-1], {"label": "octagon", "points": [[10, 10], [40, 10], [40, 30], [10, 30]],
+                                           "group_id": 3, "shape_type": "polygon"},
+                      {"label": "tilted", "points": [[100, 100], [140, 110], [130, 150], [90, 140]],
+                       "shape_type": "oriented_rectangle"}]
+    del data["imageHeight"], data["imageWidth"]
+    write_json(folder / "grouped.json", data)
+    ds = read_labelme(folder)
+    warnings = {p.file.split("/")[-1]: p.message for p in ds.problems if p.severity == WARNING}
+    assert warnings == {"moved.json": "mask reaches outside the 560x450 image; clipped to the image",
+                        "grouped.json": "its PNG is 100x100 but its points span 50x50; pasted at (417, 305)"}
+    by_id = {info["id"]: i for i, info in enumerate(ds.image_info)}
+    moved_masks, _ = ds.load_mask(by_id["moved"])
+    expected = np.zeros((450, 560), dtype=bool)
+    expected[400:450, 500:560] = octagon_pixels()[305:355, 417:477]
+    np.testing.assert_array_equal(moved_masks[:, :, -1], expected)
+    grouped, ids = ds.load_mask(by_id["grouped"])
+    assert [ds.class_names[i] for i in ids] == ["octagon", "tilted"]
+    square = segmentation_to_mask([[10, 10, 40, 10, 40, 30, 10, 30]], 450, 560)
+    np.testing.assert_array_equal(grouped[:, :, 0], square | octagon_pixels())   # both parts, one instance
+    tilted = segmentation_to_mask([[100, 100, 140, 110, 130, 150, 90, 140]], 450, 560)
+    np.testing.assert_array_equal(grouped[:, :, 1], tilted)
+    assert tilted.sum() > 1000
 
 
 # ---- VIA ------------------------------------------------------------------------------------------

@@ -98,23 +98,31 @@ def open_pil_image(path) -> Image.Image:
         raise DataError(f"{path}: is a directory, not an image")
     if not path.exists():
         raise DataError(f"{path}: no such image file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            check_pixel_count(img.size, path)
-            img.load()
-    except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image file, or an image format PIL cannot read") from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: image too large ({e}); raise PIL.Image.MAX_IMAGE_PIXELS for genuinely "
-                        "huge images") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: corrupt or truncated image ({e})") from None
+    img = decode_pil_image(path, path)
     try:
         return ImageOps.exif_transpose(img)
     except Exception as e:  # PIL raises assorted errors for malformed EXIF blocks
         raise DataError(f"{path}: cannot apply the EXIF orientation ({e})") from None
+
+
+def decode_pil_image(source, where) -> Image.Image:
+    """Decode an image from ``source`` (a path or a binary file object, e.g. ``io.BytesIO``),
+    its size checked against the pixel limit from its header before any pixel is decoded.
+    DataError naming ``where`` for anything that is not a readable image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(source)
+            check_pixel_count(img.size, where)
+            img.load()
+            return img
+    except UnidentifiedImageError:
+        raise DataError(f"{where}: not an image file, or an image format PIL cannot read") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: image too large ({e}); raise PIL.Image.MAX_IMAGE_PIXELS for genuinely "
+                        "huge images") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{where}: corrupt or truncated image ({e})") from None
 
 
 def check_pixel_count(size: tuple[int, int], path) -> None:

@@ -1,24 +1,36 @@
 """A folder of labelme JSON files as a :class:`~maskrcnn.data.dataset.Dataset`.
 
 Each ``*.json`` file annotates the image at its ``imagePath`` (relative to the JSON file).
-Region shapes are ``polygon``, ``rectangle`` (two opposite corners) and ``circle`` (centre and
-a point on the circle); shapes with the same label and the same non-null ``group_id`` form one
-instance, as in labelme's own COCO export.  Class names are collected from every file and
-numbered 1..K in sorted order (source ``"labelme"``).  Shapes that are not regions (``line``,
-``point``, ...) are left out and recorded in ``dataset.problems``.
+Region shapes are ``polygon``, ``rectangle`` (two opposite corners), ``circle`` (centre and a
+point on the circle), ``oriented_rectangle`` (four corners) and ``mask`` (labelme 5.5+, what its
+AI-mask tool draws: a base64 PNG in ``mask`` whose top-left pixel sits at the integer part of the
+first point, as labelme pastes it); shapes with the same label and the same non-null
+``group_id`` form one instance, as in labelme's own COCO export.  An instance with a mask shape
+is stored as a COCO RLE of the whole image (``imageHeight`` x ``imageWidth``, or the image's own
+size when the file does not say); mask pixels outside the image are clipped and reported.  Class
+names are collected from every file and numbered 1..K in sorted order (source ``"labelme"``).
+Shapes that are not regions (``line``, ``point``, ...) are left out and recorded in
+``dataset.problems``.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import math
 from pathlib import Path
 
+import numpy as np
+from pycocotools import mask as mask_utils
+
 from ..errors import DataError
-from .dataset import Dataset, Problem
+from .dataset import WARNING, Dataset, Problem
+from .images import decode_pil_image, image_size
 from .records import read_json, require_id, require_image_size, require_points, require_text, show_value
-from .segmentation import ellipse_polygon, rectangle_polygon
+from .segmentation import ellipse_polygon, rectangle_polygon, segmentation_to_mask
 
 SOURCE = "labelme"
-REGION_SHAPES = ("polygon", "rectangle", "circle")
+REGION_SHAPES = ("polygon", "rectangle", "circle", "oriented_rectangle", "mask")
 
 
 def validate_labelme(data, path) -> None:
@@ -42,6 +54,13 @@ def validate_labelme(data, path) -> None:
             require_id(shape["group_id"], f"{path}: shape {i}: 'group_id'")
         flat = require_points(shape["points"], f"{path}: shape {i}")
         shape["points"] = [flat[k:k + 2] for k in range(0, len(flat), 2)]
+        if shape.get("shape_type") == "mask":
+            if not isinstance(shape.get("mask"), str) or not shape["mask"]:
+                raise DataError(f"{path}: shape {i}: a mask shape needs its 'mask' as a base64 PNG string, "
+                                f"not {show_value(shape.get('mask'))}")
+            if len(shape["points"]) != 2:
+                raise DataError(f"{path}: shape {i}: a mask shape needs 2 points (its box), not "
+                                f"{len(shape['points'])}")
 
 
 def shape_ring(shape: dict) -> list[float]:
@@ -60,10 +79,53 @@ def shape_ring(shape: dict) -> list[float]:
     return [float(v) for point in points for v in point]
 
 
-def shape_annotations(shapes: list, json_path: Path, problems: list) -> list[dict]:
+def decode_mask(text: str, where: str) -> np.ndarray:
+    """A labelme ``mask`` (base64 PNG, any mode) as [h, w] bool: its nonzero pixels.  The PNG's
+    size is checked against the pixel limit before it is decoded; DataError naming ``where``
+    for text that is not base64 or not an image."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise DataError(f"{where}: 'mask' is not base64 text") from None
+    with decode_pil_image(io.BytesIO(raw), f"{where}: 'mask'") as img:
+        return np.asarray(img.convert("L")) > 0
+
+
+def paste_mask_shape(shape: dict, height: int, width: int, where: str):
+    """The [height, width] bool mask of a labelme ``mask`` shape, and what had to be fixed
+    (None, or a message): its PNG pasted with its top-left pixel at the integer part of the
+    shape's first point (labelme's ``mask[y1:y2 + 1, x1:x2 + 1] = shape["mask"]``), clipped to
+    the image."""
+    mask = decode_mask(shape["mask"], where)
+    (xa, ya), (xb, yb) = shape["points"]
+    x0, y0, x1, y1 = int(xa), int(ya), int(xb), int(yb)  # toward zero, as numpy's astype(int)
+    mh, mw = mask.shape
+    fixes = []
+    if (mh, mw) != (y1 - y0 + 1, x1 - x0 + 1):
+        fixes.append(f"its PNG is {mw}x{mh} but its points span {x1 - x0 + 1}x{y1 - y0 + 1}; "
+                     f"pasted at ({x0}, {y0})")
+    full = np.zeros((height, width), dtype=bool)
+    top, left = max(y0, 0), max(x0, 0)
+    bottom, right = min(y0 + mh, height), min(x0 + mw, width)
+    if bottom > top and right > left:
+        full[top:bottom, left:right] = mask[top - y0:bottom - y0, left - x0:right - x0]
+    if int(full.sum()) != int(mask.sum()):
+        fixes.append(f"mask reaches outside the {width}x{height} image; clipped to the image")
+    return full, "; ".join(fixes) or None
+
+
+def mask_rle(mask: np.ndarray) -> dict:
+    """[H, W] bool -> COCO RLE ``{"size": [H, W], "counts": str}``."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def shape_annotations(shapes: list, json_path: Path, problems: list, image_shape=None) -> list[dict]:
     """Instances of one labelme file: ``{"id", "category_id" (the label), "segmentation",
     "iscrowd", "where"}``.  Shapes sharing label and group_id are merged into one instance;
-    shapes that are not regions are left out, with a :class:`Problem` appended to ``problems``."""
+    shapes that are not regions are left out, with a :class:`Problem` appended to ``problems``.
+    ``image_shape``: (height, width), or a function giving it (needed by mask shapes only): an
+    instance with a mask shape becomes one RLE of that size, its other parts rasterised in."""
     instances: dict = {}
     for i, shape in enumerate(shapes):
         where = f"shape {i} ({shape['label']!r})"
@@ -75,12 +137,35 @@ def shape_annotations(shapes: list, json_path: Path, problems: list) -> list[dic
         group = shape.get("group_id")
         key = ("shape", i) if group is None else ("group", shape["label"], group)
         if key in instances:
-            instances[key]["segmentation"].append(shape_ring(shape))
+            instances[key]["shapes"].append(shape)
             instances[key]["where"] += f" + shape {i}"
         else:
-            instances[key] = {"id": i, "category_id": shape["label"], "segmentation": [shape_ring(shape)],
-                              "iscrowd": False, "where": where}
-    return list(instances.values())
+            instances[key] = {"id": i, "category_id": shape["label"], "shapes": [shape], "iscrowd": False,
+                              "where": where}
+    out = []
+    for ann in instances.values():
+        parts = ann.pop("shapes")
+        masks = [s for s in parts if s.get("shape_type") == "mask"]
+        rings = [shape_ring(s) for s in parts if s.get("shape_type") != "mask"]
+        if not masks:
+            out.append(dict(ann, segmentation=rings))
+            continue
+        if callable(image_shape):
+            try:
+                image_shape = image_shape()
+            except DataError as e:
+                problems.append(Problem(str(json_path), ann["where"], f"a mask shape needs the image's size: {e}; "
+                                        "skipped"))
+                continue
+        height, width = image_shape
+        full = segmentation_to_mask(rings, height, width) if rings else np.zeros((height, width), dtype=bool)
+        for shape in masks:
+            pasted, fixed = paste_mask_shape(shape, height, width, f"{json_path}: {ann['where']}")
+            full |= pasted
+            if fixed:
+                problems.append(Problem(str(json_path), ann["where"], fixed, WARNING))
+        out.append(dict(ann, segmentation=mask_rle(full)))
+    return out
 
 
 class LabelmeDataset(Dataset):
@@ -106,11 +191,12 @@ class LabelmeDataset(Dataset):
                 self.problems.append(Problem(str(json_path), "", f"annotates {image_path.name}, "
                                              f"which {annotated[image_path].name} annotates too"))
             annotated.setdefault(image_path, json_path)
-            annotations = shape_annotations(data["shapes"], json_path, self.problems)
-            for ann in annotations:
-                ann["category_id"] = label_ids[ann["category_id"]]
             extra = ({"height": data["imageHeight"], "width": data["imageWidth"]}
                      if data.get("imageHeight") and data.get("imageWidth") else {})
+            shape = (extra["height"], extra["width"]) if extra else lambda p=image_path: image_size(p)
+            annotations = shape_annotations(data["shapes"], json_path, self.problems, shape)
+            for ann in annotations:
+                ann["category_id"] = label_ids[ann["category_id"]]
             self.add_image(SOURCE, image_id=json_path.stem, path=image_path, annotations=annotations,
                            annotation_file=str(json_path), **extra)
 
