@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from data_samples import (GRAY_CAT, GRAY_CROWD, RGB_DOG, box_mask, coco_sample, labelme_sample, via_sample,
-                          write_json)
+from data_samples import (GRAY_CAT, GRAY_CROWD, RGB_DOG, box_mask, coco_sample, labelme_file, labelme_sample,
+                          labelme_shape, via_sample, write_json)
 from PIL import Image
 
 import maskrcnn
@@ -402,3 +402,56 @@ def test_torch_dataset_with_transforms_and_loader(tmp_path):
 def test_segmentation_rings_pycocotools_would_misread():
     # A 2-point ring would be read by pycocotools as a box; it contributes nothing instead.
     assert not segmentation_to_mask([[1, 1, 5, 5]], 8, 8).any()
+
+
+def _b64_png(array: np.ndarray) -> str:
+    import base64
+    import io
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_labelme_image_embedded_in_the_json(tmp_path):
+    """labelme reads ``imageData`` first; its own examples/tutorial/apc2016_obj3.json points
+    imagePath at the JSON itself.  The embedded image is used where imagePath is missing or not
+    an image (decoded at each load, named by the JSON), the file where it is one."""
+    from maskrcnn.cli import main
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    shapes = [labelme_shape("cat", [[2, 2], [20, 2], [20, 15], [2, 15]]),
+              dict(labelme_shape("dot", [[25.0, 10.0], [34.0, 19.0]], "mask"),
+                   mask=_b64_png(np.full((10, 10), 255, np.uint8)))]
+    self_pointing = dict(labelme_file("self.json", 30, 40, shapes), imageData=_b64_png(pixels))
+    write_json(folder / "self.json", self_pointing)
+    missing = dict(labelme_file("gone.png", 30, 40, shapes[:1]), imageData=_b64_png(pixels[::-1].copy()))
+    del missing["imageHeight"], missing["imageWidth"]
+    write_json(folder / "missing.json", missing)
+    Image.fromarray(pixels[:, ::-1].copy()).save(folder / "there.png")
+    write_json(folder / "there.json", dict(labelme_file("there.png", 30, 40, shapes[:1]), imageData=_b64_png(pixels)))
+    ds = read_labelme(folder)
+    by_id = {info["id"]: i for i, info in enumerate(ds.image_info)}
+    assert not ds.problems
+    np.testing.assert_array_equal(ds.load_image(by_id["self"]), pixels)
+    np.testing.assert_array_equal(ds.load_image(by_id["missing"]), pixels[::-1])
+    np.testing.assert_array_equal(ds.load_image(by_id["there"]), pixels[:, ::-1])   # the file, not imageData
+    assert str(ds.image_info[by_id["self"]]["path"]) == str(folder / "self.json") and ds.image_shape(by_id["missing"]) == (30, 40)
+    masks, ids = ds.load_mask(by_id["self"])
+    assert [ds.class_names[i] for i in ids] == ["cat", "dot"] and masks[10:20, 25:35, 1].all() and masks[:, :, 1].sum() == 100
+    assert main(["check-data", "--labelme", str(folder)]) == 0
+
+
+@pytest.mark.parametrize("image_data, why", [
+    ("not base64!", "'imageData' is not base64 text"),
+    (_b64_png(np.zeros((64, 64), np.uint8))[:80], "corrupt or truncated image"),
+    ("aGVsbG8gd29ybGQ=", "'imageData': not an image file"),
+])
+def test_labelme_bad_embedded_image_is_a_check_error(tmp_path, capsys, image_data, why):
+    from maskrcnn.cli import main
+    folder = tmp_path / "lm"
+    write_json(folder / "a.json", dict(labelme_file("gone.png", 4, 4, [labelme_shape("x", [[0, 0], [3, 0], [3, 3]])]),
+                                       imageData=image_data))
+    assert main(["check-data", "--labelme", str(folder)]) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if "a.json" in line]
+    assert len(lines) == 1 and why in lines[0], lines

@@ -1,6 +1,10 @@
 """A folder of labelme JSON files as a :class:`~maskrcnn.data.dataset.Dataset`.
 
-Each ``*.json`` file annotates the image at its ``imagePath`` (relative to the JSON file).
+Each ``*.json`` file annotates the image at its ``imagePath`` (relative to the JSON file), or
+the image it embeds in ``imageData`` (base64, what labelme stores with "Save With Image Data")
+when that path is missing or not an image: labelme itself reads ``imageData`` first, and its own
+``examples/tutorial`` file points ``imagePath`` at the JSON.  Such an image is decoded from the
+JSON each time it is loaded (nothing is kept in memory), and the JSON names it in messages.
 Region shapes are ``polygon``, ``rectangle`` (two opposite corners), ``circle`` (centre and a
 point on the circle), ``oriented_rectangle`` (four corners) and ``mask`` (labelme 5.5+, what its
 AI-mask tool draws: a base64 PNG in ``mask`` whose top-left pixel sits at the integer part of the
@@ -25,7 +29,7 @@ from pycocotools import mask as mask_utils
 
 from ..errors import DataError
 from .dataset import WARNING, Dataset, Problem
-from .images import decode_pil_image, image_size
+from .images import IntensityScaling, decode_pil_image, image_size, pil_to_rgb
 from .records import read_json, require_id, require_image_size, require_points, require_text, show_value
 from .segmentation import ellipse_polygon, rectangle_polygon, segmentation_to_mask
 
@@ -79,15 +83,32 @@ def shape_ring(shape: dict) -> list[float]:
     return [float(v) for point in points for v in point]
 
 
+def decode_base64_image(text, where: str):
+    """A PIL image from base64 ``text`` (labelme's ``imageData`` and ``mask``), its size checked
+    against the pixel limit from its header before it is decoded.  DataError naming ``where``."""
+    if not isinstance(text, str) or not text:
+        raise DataError(f"{where}: not base64 image text, but {show_value(text)}")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise DataError(f"{where} is not base64 text") from None
+    return decode_pil_image(io.BytesIO(raw), where)
+
+
+def embedded_image(json_path, scaling: IntensityScaling | None = None) -> np.ndarray:
+    """The image a labelme file embeds (``imageData``) as [H, W, 3] uint8 RGB, read as
+    :func:`~maskrcnn.data.images.read_image` reads a file (16/32-bit pixels by ``scaling``)."""
+    data = read_json(json_path)
+    text = data.get("imageData") if isinstance(data, dict) else None
+    with decode_base64_image(text, f"{json_path}: 'imageData'") as img:
+        return pil_to_rgb(img, json_path, scaling)
+
+
 def decode_mask(text: str, where: str) -> np.ndarray:
     """A labelme ``mask`` (base64 PNG, any mode) as [h, w] bool: its nonzero pixels.  The PNG's
     size is checked against the pixel limit before it is decoded; DataError naming ``where``
     for text that is not base64 or not an image."""
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise DataError(f"{where}: 'mask' is not base64 text") from None
-    with decode_pil_image(io.BytesIO(raw), f"{where}: 'mask'") as img:
+    with decode_base64_image(text, f"{where}: 'mask'") as img:
         return np.asarray(img.convert("L")) > 0
 
 
@@ -169,7 +190,20 @@ def shape_annotations(shapes: list, json_path: Path, problems: list, image_shape
 
 
 class LabelmeDataset(Dataset):
-    """A Dataset read from a folder of labelme files (``load_labelme``)."""
+    """A Dataset read from a folder of labelme files (``load_labelme``).  An image whose file
+    is missing but which its JSON embeds has ``embedded: True`` in ``image_info`` and the JSON
+    as its ``path``."""
+
+    def load_image(self, image_id: int) -> np.ndarray:
+        if self.image_info[image_id].get("embedded"):
+            return embedded_image(self.image_info[image_id]["path"], self.intensity_scaling)
+        return super().load_image(image_id)
+
+    def image_shape(self, image_id: int) -> tuple[int, int]:
+        info = self.image_info[image_id]
+        if info.get("embedded") and not ("height" in info and "width" in info):
+            return self.load_image(image_id).shape[:2]
+        return super().image_shape(image_id)
 
     def load_labelme(self, folder) -> None:
         folder = Path(folder)
@@ -187,18 +221,36 @@ class LabelmeDataset(Dataset):
         annotated: dict = {}
         for json_path, data in entries:
             image_path = (json_path.parent / str(data["imagePath"]).replace("\\", "/")).resolve()
+            embedded = uses_embedded_image(image_path, data)
             if image_path in annotated:
                 self.problems.append(Problem(str(json_path), "", f"annotates {image_path.name}, "
                                              f"which {annotated[image_path].name} annotates too"))
             annotated.setdefault(image_path, json_path)
             extra = ({"height": data["imageHeight"], "width": data["imageWidth"]}
                      if data.get("imageHeight") and data.get("imageWidth") else {})
-            shape = (extra["height"], extra["width"]) if extra else lambda p=image_path: image_size(p)
-            annotations = shape_annotations(data["shapes"], json_path, self.problems, shape)
+            if embedded:
+                extra["embedded"] = True
+                shape = lambda j=json_path: embedded_image(j).shape[:2]  # noqa: E731
+            else:
+                shape = lambda p=image_path: image_size(p)  # noqa: E731
+            annotations = shape_annotations(data["shapes"], json_path, self.problems,
+                                            (extra["height"], extra["width"]) if "height" in extra else shape)
             for ann in annotations:
                 ann["category_id"] = label_ids[ann["category_id"]]
-            self.add_image(SOURCE, image_id=json_path.stem, path=image_path, annotations=annotations,
-                           annotation_file=str(json_path), **extra)
+            self.add_image(SOURCE, image_id=json_path.stem, path=json_path if embedded else image_path,
+                           annotations=annotations, annotation_file=str(json_path), **extra)
+
+
+def uses_embedded_image(image_path: Path, data: dict) -> bool:
+    """Whether a labelme file's image comes from its ``imageData``: it embeds one and
+    ``image_path`` is missing or not an image (read from its header only)."""
+    if not isinstance(data.get("imageData"), str) or not data["imageData"]:
+        return False
+    try:
+        image_size(image_path)
+    except DataError:
+        return True
+    return False
 
 
 def read_labelme(folder) -> LabelmeDataset:
