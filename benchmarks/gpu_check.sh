@@ -4,13 +4,16 @@
 # root on a CUDA machine whose python3 has torch and torchvision:
 #     bash benchmarks/gpu_check.sh [quick|full]
 # Wheels for packages that machine lacks (pycocotools) may sit in .whl/; the Matterport parity
-# fixture is found through MASKRCNN_SHARED (default ../shared).
+# fixture is found through MASKRCNN_SHARED (default ../shared).  benchmarks/gpu_snapshot.sh
+# builds a folder with all of it to carry to such a machine.
 set -uo pipefail
 mode=${1:-full}
 # with OUT set (the device tool), a copy of everything printed lands in $OUT/gpu_check.log
 if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import pycocotools" 2>/dev/null; then
+  # the wheel that fits this python (benchmarks/gpu_snapshot.sh fetches one per CPython version)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --find-links .whl \
+    --target /tmp/site pycocotools
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
