@@ -299,6 +299,32 @@ def test_labelme_coco_background_category_is_not_a_class(tmp_path):
     assert read_coco(ann, images).class_names == ["BG", "_background_", "cat", "dog", "bird"]
 
 
+def test_roboflow_root_category_is_not_a_class(tmp_path):
+    """Roboflow's COCO export puts a root category first, named after the project, that every
+    class names as its supercategory and no annotation uses (roboflow-100-benchmark#45:
+    ``{"id": 0, "name": "peixos", "supercategory": "none"}, {"id": 1, "name": "peix",
+    "supercategory": "peixos"}, ...``).  A supercategory that annotations use, or one that has
+    a parent itself, stays a class; COCO's own categories (supercategory "person" of
+    "person", "vehicle" of no category) lose nothing."""
+    ann, images = coco_sample(tmp_path)
+    data = json.loads(ann.read_text())
+    for cat in data["categories"]:
+        cat["supercategory"] = "pets"
+    data["categories"].insert(0, {"id": 0, "name": "pets", "supercategory": "none"})
+    write_json(ann, data)
+    ds = read_coco(ann, images)
+    assert ds.class_names == ["BG", "cat", "dog", "bird"] and ds.category_ids == [0, 7, 18, 42]
+    used = dict(data, annotations=[dict(data["annotations"][0], category_id=0)] + data["annotations"][1:])
+    write_json(ann, used)
+    assert read_coco(ann, images).class_names == ["BG", "pets", "cat", "dog", "bird"]
+    nested = dict(data, categories=[dict(data["categories"][0], supercategory="animals")] + data["categories"][1:])
+    write_json(ann, nested)
+    assert read_coco(ann, images).class_names == ["BG", "pets", "cat", "dog", "bird"]
+    coco_style = dict(data, categories=[dict(c, supercategory=c["name"]) for c in data["categories"][1:]])
+    write_json(ann, coco_style)
+    assert read_coco(ann, images).class_names == ["BG", "cat", "dog", "bird"]
+
+
 def test_polygons_far_outside_the_image_are_clipped():
     from pycocotools import mask as mask_utils
 

@@ -7,7 +7,11 @@ contiguous: they are registered in increasing order as internal ids 1..K, and
 ``dataset.category_ids[internal_id]`` gives the COCO id back for writing results.
 
 A category named ``_background_`` (or ``background``) that no annotation uses is the background,
-not a class: labelme's COCO export writes one as category 0.
+not a class: labelme's COCO export writes one as category 0.  Nor is a root category that no
+annotation uses, has no supercategory of its own (none, ``"none"``, or itself) and is the
+supercategory of the other categories: Roboflow's exports prepend one, named after the
+project (``{"id": 0, "name": "peixos", "supercategory": "none"}`` before ``{"id": 1, "name":
+"peix", "supercategory": "peixos"}``), which would otherwise become a class with no instances.
 
 Every value is checked for type and range before use (:func:`validate_coco`).  Problems that
 do not stop reading (duplicate ids, annotations of unknown images) are collected
@@ -91,11 +95,23 @@ def annotation_segmentation(ann: dict):
 
 
 def background_categories(data: dict) -> set:
-    """Ids of the categories that stand for the background: named as one (labelme's export
-    writes ``{"id": 0, "name": "_background_"}``) and used by no annotation."""
+    """Ids of the categories that are not classes, all used by no annotation: those named as
+    the background (labelme's export writes ``{"id": 0, "name": "_background_"}``) and
+    grouping roots (Roboflow's: named as the supercategory of other categories, without a
+    supercategory of their own)."""
     used = {ann["category_id"] for ann in data.get("annotations", [])}
-    return {cat["id"] for cat in data["categories"]
-            if str(cat["name"]).strip().lower() in BACKGROUND_NAMES and cat["id"] not in used}
+    parents = {}
+    for cat in data["categories"]:
+        parent = cat.get("supercategory")
+        if isinstance(parent, str) and parent.strip() and parent != cat["name"]:
+            parents.setdefault(parent, set()).add(cat["id"])
+
+    def is_root(cat) -> bool:
+        own = cat.get("supercategory")
+        return (own is None or (isinstance(own, str) and own.strip().lower() in ("", "none", str(cat["name"]).lower()))) \
+            and bool(parents.get(str(cat["name"]), set()) - {cat["id"]})
+    return {cat["id"] for cat in data["categories"] if cat["id"] not in used
+            and (str(cat["name"]).strip().lower() in BACKGROUND_NAMES or is_root(cat))}
 
 
 class CocoDataset(Dataset):
