@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from data_samples import (GRAY_CAT, GRAY_CROWD, RGB_DOG, box_mask, coco_sample, labelme_file, labelme_sample,
-                          labelme_shape, via_sample, write_json)
+                          labelme_shape, uncompressed_rle, via_sample, write_json)
 from PIL import Image
 
 import maskrcnn
@@ -297,6 +297,27 @@ def test_labelme_coco_background_category_is_not_a_class(tmp_path):
     data["annotations"][0]["category_id"] = 0
     write_json(ann, data)
     assert read_coco(ann, images).class_names == ["BG", "_background_", "cat", "dog", "bird"]
+
+
+def test_cvat_export_with_every_annotation_crowd_is_read_as_instances(tmp_path):
+    """CVAT's COCO export marks each mask (RLE) annotation iscrowd=1 (cvat-ai/cvat#7030): read
+    as crowd regions, such a file trains no instance at all.  A file where every annotation is
+    crowd is read as instances, with a warning; a file that mixes both keeps COCO's meaning."""
+    from maskrcnn.data.dataset import WARNING
+    ann, images = coco_sample(tmp_path)
+    data = json.loads(ann.read_text())
+    for a in data["annotations"]:
+        a["iscrowd"] = 1
+        if isinstance(a["segmentation"], list):   # CVAT writes masks as uncompressed RLE
+            a["segmentation"] = uncompressed_rle(box_mask(40, 60, 5, 25, 10, 30))
+    write_json(ann, data)
+    ds = read_coco(ann, images)
+    assert [(p.severity, p.message) for p in ds.problems] == [(WARNING, (
+        "every annotation (4) is iscrowd=1, as CVAT's COCO export marks each mask; read as instances "
+        "(crowd regions would train nothing)"))]
+    by_id = {info["id"]: i for i, info in enumerate(ds.image_info)}
+    assert (ds.load_mask(by_id[5])[1] > 0).all() and (ds.load_mask(by_id[9])[1] > 0).all()
+    assert read_coco(*coco_sample(tmp_path / "mixed")).load_mask(1)[1].tolist() == [1, -2]   # COCO's crowd
 
 
 def test_roboflow_root_category_is_not_a_class(tmp_path):

@@ -2,7 +2,9 @@
 
 Segmentations may be polygons, compressed RLE or uncompressed RLE (rasterised by pycocotools);
 an annotation without a segmentation uses its ``bbox`` as a rectangle.  ``iscrowd: 1`` regions
-load with a negative class id (Matterport's convention).  COCO category ids need not be
+load with a negative class id (Matterport's convention), except in a file where every
+annotation says so: CVAT's COCO export marks each mask (RLE) annotation ``iscrowd: 1``
+(cvat-ai/cvat#7030), and such a file is read as instances, with a warning.  COCO category ids need not be
 contiguous: they are registered in increasing order as internal ids 1..K, and
 ``dataset.category_ids[internal_id]`` gives the COCO id back for writing results.
 
@@ -126,7 +128,14 @@ class CocoDataset(Dataset):
         background = background_categories(data)
         self._add_categories([c for c in data["categories"] if c["id"] not in background], annotation_file)
         images = self._index_images(data["images"], image_dir)
-        self._add_annotations(data.get("annotations", []), images, annotation_file)
+        annotations = data.get("annotations", [])
+        if annotations and all(ann.get("iscrowd") == 1 for ann in annotations):
+            # nothing would be an instance: the file is a tool's, not a crowd-annotated set
+            self.problems.append(Problem(str(annotation_file), "", (
+                f"every annotation ({len(annotations)}) is iscrowd=1, as CVAT's COCO export marks each "
+                "mask; read as instances (crowd regions would train nothing)"), WARNING))
+            annotations = [dict(ann, iscrowd=0) for ann in annotations]
+        self._add_annotations(annotations, images, annotation_file)
         for entry, annotations in images.values():
             extra = {k: entry[k] for k in ("height", "width") if k in entry}
             self.add_image(SOURCE, image_id=entry["id"], path=image_dir / entry["file_name"],
