@@ -1,5 +1,6 @@
 """Dataset API, COCO / labelme / VIA readers, the torch view and the transforms."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,6 +319,37 @@ def test_cvat_export_with_every_annotation_crowd_is_read_as_instances(tmp_path):
     by_id = {info["id"]: i for i, info in enumerate(ds.image_info)}
     assert (ds.load_mask(by_id[5])[1] > 0).all() and (ds.load_mask(by_id[9])[1] > 0).all()
     assert read_coco(*coco_sample(tmp_path / "mixed")).load_mask(1)[1].tolist() == [1, -2]   # COCO's crowd
+
+
+def test_images_named_by_another_machines_path_are_found_by_file_name(tmp_path):
+    """Exporters write the paths of their own machine: Windows separators, an absolute path,
+    Label Studio's upload folder, a URL (VIA).  Where the path is missing under --images the
+    file of that name there is used, and one warning says so."""
+    from maskrcnn.data.dataset import WARNING
+    ann, images = coco_sample(tmp_path)
+    data = json.loads(ann.read_text())
+    names = ["C:\\Users\\me\\export\\rgb.png", "/data/upload/1/gray.png", "rgba.png"]
+    for entry, name in zip(data["images"], names):
+        entry["file_name"] = name
+    write_json(ann, data)
+    ds = read_coco(ann, images)
+    assert sorted(p.name for p in map(Path, (i["path"] for i in ds.image_info))) == ["gray.png", "rgb.png", "rgba.png"]
+    assert all(Path(i["path"]).parent == images for i in ds.image_info)
+    assert [(p.severity, p.message) for p in ds.problems] == [(WARNING, (
+        f"2 image(s) found in {images} by file name, not at the path the file gives "
+        "(e.g. 'C:\\\\Users\\\\me\\\\export\\\\rgb.png')"))]
+    assert len(ds.load_mask(0)[1]) == 2
+    data["images"][2]["file_name"] = "sub\\rgba.png"     # a Windows relative path that exists as written
+    (images / "sub").mkdir()
+    (images / "rgba.png").rename(images / "sub" / "rgba.png")
+    write_json(ann, data)
+    assert Path(read_coco(ann, images).image_info[2]["path"]) == images / "sub" / "rgba.png"
+    via_json, via_images = via_sample(tmp_path / "via", 2)
+    via = json.loads(via_json.read_text())
+    via["b1.jpg1234"]["filename"] = "https://example.org/balloons/b1.jpg"
+    write_json(via_json, via)
+    ds = read_via(via_json, via_images)
+    assert Path(ds.image_info[0]["path"]) == via_images / "b1.jpg" and len(ds.load_mask(0)[1]) == 4
 
 
 def test_roboflow_root_category_is_not_a_class(tmp_path):

@@ -25,7 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from .dataset import WARNING, Dataset, Problem
+from .dataset import WARNING, Dataset, Problem, report_found_by_name
+from .images import locate_image
 from .records import read_json, require_coordinates, require_id, require_image_size, require_text, show_value
 from .segmentation import rectangle_polygon, validate_segmentation
 
@@ -136,10 +137,14 @@ class CocoDataset(Dataset):
                 "mask; read as instances (crowd regions would train nothing)"), WARNING))
             annotations = [dict(ann, iscrowd=0) for ann in annotations]
         self._add_annotations(annotations, images, annotation_file)
+        by_name = []
         for entry, annotations in images.values():
             extra = {k: entry[k] for k in ("height", "width") if k in entry}
-            self.add_image(SOURCE, image_id=entry["id"], path=image_dir / entry["file_name"],
-                           annotations=annotations, **extra)
+            path, found_by_name = locate_image(image_dir, entry["file_name"])
+            if found_by_name:
+                by_name.append(entry["file_name"])
+            self.add_image(SOURCE, image_id=entry["id"], path=path, annotations=annotations, **extra)
+        report_found_by_name(self.problems, annotation_file, image_dir, by_name)
 
     def _add_categories(self, categories: list, annotation_file: Path) -> None:
         seen = {}

@@ -60,6 +60,16 @@ class Problem:
         return f"{self.file}: {self.where}: {self.message}" if self.where else f"{self.file}: {self.message}"
 
 
+def report_found_by_name(problems: list, annotation_file, image_dir, names: list) -> None:
+    """Append one warning to ``problems`` when images an annotation file names by a path that
+    does not exist under ``image_dir`` were found there by file name
+    (:func:`~maskrcnn.data.images.locate_image`)."""
+    if names:
+        problems.append(Problem(str(annotation_file), "", (
+            f"{len(names)} image(s) found in {image_dir} by file name, not at the path the file gives "
+            f"(e.g. {names[0]!r})"), WARNING))
+
+
 class Dataset:
     """Matterport's dataset API: register classes and images, then ``prepare()``.
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -184,3 +184,18 @@ def list_images(folder) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def locate_image(image_dir: Path, name: str) -> tuple[Path, bool]:
+    """Where the image an annotation file names as ``name`` is, relative to ``image_dir``:
+    ``(path, found_by_name)``.  ``name`` as written (a Windows ``a\\b.jpg`` read as ``a/b.jpg``);
+    where that is missing, the file of the same name directly in ``image_dir`` (exporters write
+    the paths of their own machine: an absolute path, a server's upload folder, a URL), then
+    ``found_by_name`` is True.  A name found nowhere gives its path as written (reported missing)."""
+    written = image_dir / name.replace("\\", "/")
+    if written.exists():
+        return written, False
+    base = PureWindowsPath(name).name if "\\" in name else Path(name).name
+    if base and (image_dir / base).is_file():
+        return image_dir / base, True
+    return written, False

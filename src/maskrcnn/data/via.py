@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from .dataset import Dataset, Problem
+from .dataset import Dataset, Problem, report_found_by_name
+from .images import locate_image
 from .records import read_json, require_coordinates, require_text
 from .segmentation import ellipse_polygon, points_to_ring, rectangle_polygon
 
@@ -89,13 +90,17 @@ class ViaDataset(Dataset):
         entries = via_entries(read_json(annotation_file), annotation_file)
         seen: dict[str, int] = {}
         images = []
+        by_name = []
         for entry in entries:
-            path = image_dir / entry["filename"]
+            path, found_by_name = locate_image(image_dir, entry["filename"])
+            if found_by_name:
+                by_name.append(entry["filename"])
             if entry["filename"] in seen:
                 self.problems.append(Problem(str(path), "", "image listed twice in the VIA file"))
                 continue
             seen[entry["filename"]] = len(images)
             images.append((path, self._region_annotations(entry["regions"], path, class_attribute, default_class)))
+        report_found_by_name(self.problems, annotation_file, image_dir, by_name)
         class_ids = self.add_named_classes(SOURCE, (ann["category_id"] for _, anns in images for ann in anns))
         for path, annotations in images:
             for ann in annotations:
