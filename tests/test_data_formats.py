@@ -214,6 +214,7 @@ def test_labelme_mask_shapes_from_labelmes_own_example(tmp_path):
     assert octagon.sum() == 7275
     np.testing.assert_array_equal(octagon, octagon_pixels())
     assert [p.where for p in ds.problems] == ["shape 4 ('line')", "shape 5 ('point')", "shape 6 ('line_strip')"]
+    assert ds.class_names == ["BG", "circle", "octagon", "polygon", "rectangle"]   # no class for line, point
     image, target = TorchDataset(ds)[0]   # what training reads
     assert target["masks"].shape == (5, 450, 560) and int(target["masks"][4].sum()) == 7275
 

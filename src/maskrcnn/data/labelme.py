@@ -12,7 +12,8 @@ first point, as labelme pastes it); shapes with the same label and the same non-
 ``group_id`` form one instance, as in labelme's own COCO export.  An instance with a mask shape
 is stored as a COCO RLE of the whole image (``imageHeight`` x ``imageWidth``, or the image's own
 size when the file does not say); mask pixels outside the image are clipped and reported.  Class
-names are collected from every file and numbered 1..K in sorted order (source ``"labelme"``).
+names are the labels of region shapes in every file, numbered 1..K in sorted order (source
+``"labelme"``): a label that only lines or points carry is no class.
 Shapes that are not regions (``line``, ``point``, ...) are left out and recorded in
 ``dataset.problems``.
 """
@@ -217,7 +218,9 @@ class LabelmeDataset(Dataset):
             data = read_json(json_path)
             validate_labelme(data, json_path)
             entries.append((json_path, data))
-        label_ids = self.add_named_classes(SOURCE, (s["label"] for _, data in entries for s in data["shapes"]))
+        # classes are the labels of region shapes: a label only lines or points carry is no class
+        label_ids = self.add_named_classes(SOURCE, (s["label"] for _, data in entries for s in data["shapes"]
+                                                    if (s.get("shape_type") or "polygon") in REGION_SHAPES))
         annotated: dict = {}
         for json_path, data in entries:
             image_path = (json_path.parent / str(data["imagePath"]).replace("\\", "/")).resolve()
