@@ -51,9 +51,17 @@ def test_check_data_clean_formats_exit_0(tmp_path, capsys):
     assert "3 images, 4 annotations (1 crowd)" in out and "no problems found" in out
     assert [line.split() for line in out.splitlines() if line.startswith(("cat ", "dog ", "bird "))] == \
         [["cat", "2"], ["dog", "2"], ["bird", "0"]]
+    assert "the 1 crowd regions (iscrowd=1) train no instance; if your tool marks masks so (CVAT's COCO " \
+        "export does), --crowd-as-instances reads them as instances" in out
+    assert main(["check-data", "--coco", str(ann), "--images", str(images), "--crowd-as-instances"]) == 0
+    out = capsys.readouterr().out
+    assert "3 images, 4 annotations (0 crowd)" in out and "--crowd-as-instances" not in out
     assert main(["check-data", "--labelme", str(labelme_sample(tmp_path / "lm"))]) == 0
+    assert "crowd regions" not in capsys.readouterr().out
     via, via_images = via_sample(tmp_path / "via", 1)
     assert main(["check-data", "--via", str(via), "--images", str(via_images), "--class-attribute", "kind"]) == 0
+    assert main(["check-data", "--via", str(via), "--images", str(via_images), "--crowd-as-instances"]) == 2
+    assert "--crowd-as-instances: only for --coco" in capsys.readouterr().err
 
 
 def test_check_data_reports_each_problem_exit_1(tmp_path, capsys):

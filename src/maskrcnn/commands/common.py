@@ -141,6 +141,9 @@ def add_annotation_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the single class of --labels, --mask-dirs and VIA without --class-attribute (default object)")
     group.add_argument("--classes", metavar="JSON", help="class of each instance for --labels / --mask-dirs: "
                        '{"<image stem or folder>": {"<label or mask stem>": "<class>"}}')
+    group.add_argument("--crowd-as-instances", action="store_true",
+                       help="--coco: read iscrowd=1 annotations as instances, not crowd regions (CVAT's COCO "
+                            "export marks every mask annotation iscrowd=1)")
 
 
 def open_annotations(args):
@@ -152,7 +155,8 @@ def open_annotations(args):
         raise MaskRCNNError("annotations: give --coco JSON --images DIR, --labelme DIR, --via JSON --images DIR, "
                             "--labels DIR --images DIR or --mask-dirs DIR")
     return open_dataset(**sources, images=args.images, class_attribute=args.class_attribute,
-                        class_name=args.class_name, classes=args.classes)
+                        class_name=args.class_name, classes=args.classes,
+                        crowd_as_instances=args.crowd_as_instances)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, weights_required: bool = True) -> None:

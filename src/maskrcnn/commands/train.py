@@ -252,7 +252,8 @@ def validation_data(args, class_names: list[str]):
     if args.val_split:
         raise MaskRCNNError("--val-split and a --val-* validation set: give one of them")
     dataset = open_dataset(**sources, images=args.val_images, class_attribute=args.class_attribute,
-                           class_name=args.class_name, classes=args.classes)
+                           class_name=args.class_name, classes=args.classes,
+                           crowd_as_instances=args.crowd_as_instances and sources.get("coco") is not None)
     unknown = [name for name in dataset.class_names[1:] if name not in class_names]
     if unknown:
         raise MaskRCNNError(f"validation data: class(es) {', '.join(map(repr, unknown))} not in the training "

@@ -81,6 +81,9 @@ class DataReport:
         """A human-readable summary: counts per class, then one line per error and per warning."""
         lines = [f"{self.num_images} images, {self.num_annotations} annotations "
                  f"({self.crowd_count} crowd), {self.images_without_annotations} images without annotations"]
+        if self.crowd_count:
+            lines.append(f"the {self.crowd_count} crowd regions (iscrowd=1) train no instance; if your tool marks "
+                         "masks so (CVAT's COCO export does), --crowd-as-instances reads them as instances")
         if self.class_counts:
             width = max(len(name) for name in self.class_counts)
             lines.append(f"{'class':{width}}  instances")

@@ -4,7 +4,8 @@ Segmentations may be polygons, compressed RLE or uncompressed RLE (rasterised by
 an annotation without a segmentation uses its ``bbox`` as a rectangle.  ``iscrowd: 1`` regions
 load with a negative class id (Matterport's convention), except in a file where every
 annotation says so: CVAT's COCO export marks each mask (RLE) annotation ``iscrowd: 1``
-(cvat-ai/cvat#7030), and such a file is read as instances, with a warning.  COCO category ids need not be
+(cvat-ai/cvat#7030), and such a file is read as instances, with a warning; a file mixing
+polygons and CVAT masks needs ``crowd_as_instances`` (``--crowd-as-instances``).  COCO category ids need not be
 contiguous: they are registered in increasing order as internal ids 1..K, and
 ``dataset.category_ids[internal_id]`` gives the COCO id back for writing results.
 
@@ -120,9 +121,10 @@ def background_categories(data: dict) -> set:
 class CocoDataset(Dataset):
     """A Dataset read from COCO instance annotations (``load_coco``)."""
 
-    def load_coco(self, annotation_file, image_dir) -> None:
+    def load_coco(self, annotation_file, image_dir, crowd_as_instances: bool = False) -> None:
         """Register the categories, images and annotations of ``annotation_file``; image
-        ``file_name`` s are relative to ``image_dir``."""
+        ``file_name`` s are relative to ``image_dir``.  ``crowd_as_instances``: read
+        ``iscrowd: 1`` annotations as instances (CVAT's export marks each mask so)."""
         annotation_file, image_dir = Path(annotation_file), Path(image_dir)
         data = read_json(annotation_file)
         validate_coco(data, annotation_file)
@@ -130,7 +132,9 @@ class CocoDataset(Dataset):
         self._add_categories([c for c in data["categories"] if c["id"] not in background], annotation_file)
         images = self._index_images(data["images"], image_dir)
         annotations = data.get("annotations", [])
-        if annotations and all(ann.get("iscrowd") == 1 for ann in annotations):
+        if crowd_as_instances:
+            annotations = [dict(ann, iscrowd=0) for ann in annotations]
+        elif annotations and all(ann.get("iscrowd") == 1 for ann in annotations):
             # nothing would be an instance: the file is a tool's, not a crowd-annotated set
             self.problems.append(Problem(str(annotation_file), "", (
                 f"every annotation ({len(annotations)}) is iscrowd=1, as CVAT's COCO export marks each "
@@ -189,9 +193,10 @@ class CocoDataset(Dataset):
                 "iscrowd": bool(ann.get("iscrowd", 0)), "where": where})
 
 
-def read_coco(annotation_file, image_dir) -> CocoDataset:
-    """A prepared :class:`CocoDataset` of ``annotation_file`` with images in ``image_dir``."""
+def read_coco(annotation_file, image_dir, crowd_as_instances: bool = False) -> CocoDataset:
+    """A prepared :class:`CocoDataset` of ``annotation_file`` with images in ``image_dir``
+    (``crowd_as_instances``: as :meth:`CocoDataset.load_coco`)."""
     dataset = CocoDataset()
-    dataset.load_coco(annotation_file, image_dir)
+    dataset.load_coco(annotation_file, image_dir, crowd_as_instances)
     dataset.prepare()
     return dataset

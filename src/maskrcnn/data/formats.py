@@ -14,7 +14,8 @@ SOURCES = ("coco", "labelme", "via", "labels", "mask_dirs")
 
 
 def open_dataset(coco=None, labelme=None, via=None, labels=None, mask_dirs=None, images=None,
-                 class_attribute: str | None = None, class_name: str = "object", classes=None) -> Dataset:
+                 class_attribute: str | None = None, class_name: str = "object", classes=None,
+                 crowd_as_instances: bool = False) -> Dataset:
     """A prepared Dataset from one annotation source.
 
     coco:       COCO instance JSON; ``images`` is the folder its ``file_name`` s are relative to.
@@ -27,6 +28,8 @@ def open_dataset(coco=None, labelme=None, via=None, labels=None, mask_dirs=None,
     class_name: the one class of ``via`` without ``class_attribute``, ``labels`` and ``mask_dirs``.
     classes:    for ``labels`` and ``mask_dirs``, a JSON file giving each instance's class
                 (:mod:`maskrcnn.data.masks`).
+    crowd_as_instances: for ``coco``, read ``iscrowd: 1`` annotations as instances (CVAT's
+                COCO export marks each mask annotation so).
     Raises DataError when the arguments do not name exactly one source, or the files are unusable.
     """
     given = {name: value for name, value in zip(SOURCES, (coco, labelme, via, labels, mask_dirs)) if value is not None}
@@ -42,8 +45,10 @@ def open_dataset(coco=None, labelme=None, via=None, labels=None, mask_dirs=None,
     (source, value), = given.items()
     if source in ("coco", "via", "labels") and images is None:
         raise DataError(f"{value}: the images folder is needed too (--images DIR)")
+    if crowd_as_instances and source != "coco":
+        raise DataError("--crowd-as-instances: only for --coco")
     if source == "coco":
-        return read_coco(coco, images)
+        return read_coco(coco, images, crowd_as_instances)
     if source == "via":
         return read_via(via, images, class_attribute=class_attribute, default_class=class_name)
     if source == "labelme":
