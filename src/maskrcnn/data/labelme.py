@@ -26,9 +26,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as mask_utils
+import torch
 
 from ..errors import DataError
+from ..structures import encode_rle
 from .dataset import WARNING, Dataset, Problem
 from .images import IntensityScaling, decode_pil_image, image_size, pil_to_rgb
 from .records import read_json, require_id, require_image_size, require_points, require_text, show_value
@@ -136,12 +137,6 @@ def paste_mask_shape(shape: dict, height: int, width: int, where: str):
     return full, "; ".join(fixes) or None
 
 
-def mask_rle(mask: np.ndarray) -> dict:
-    """[H, W] bool -> COCO RLE ``{"size": [H, W], "counts": str}``."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
 def shape_annotations(shapes: list, json_path: Path, problems: list, image_shape=None) -> list[dict]:
     """Instances of one labelme file: ``{"id", "category_id" (the label), "segmentation",
     "iscrowd", "where"}``.  Shapes sharing label and group_id are merged into one instance;
@@ -186,7 +181,7 @@ def shape_annotations(shapes: list, json_path: Path, problems: list, image_shape
             full |= pasted
             if fixed:
                 problems.append(Problem(str(json_path), ann["where"], fixed, WARNING))
-        out.append(dict(ann, segmentation=mask_rle(full)))
+        out.append(dict(ann, segmentation=encode_rle(torch.from_numpy(full)[None])[0]))
     return out
 
 
