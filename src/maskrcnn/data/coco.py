@@ -5,8 +5,8 @@ an annotation without a segmentation uses its ``bbox`` as a rectangle.  ``iscrow
 load with a negative class id (Matterport's convention), except in a file where every
 annotation says so: CVAT's COCO export marks each mask (RLE) annotation ``iscrowd: 1``
 (cvat-ai/cvat#7030), and such a file is read as instances, with a warning; a file mixing
-polygons and CVAT masks needs ``crowd_as_instances`` (``--crowd-as-instances``).  COCO category ids need not be
-contiguous: they are registered in increasing order as internal ids 1..K, and
+polygons and CVAT masks needs ``crowd_as_instances`` (``--crowd-as-instances``).  COCO category
+ids need not be contiguous: they are registered in increasing order as internal ids 1..K, and
 ``dataset.category_ids[internal_id]`` gives the COCO id back for writing results.
 
 A category named ``_background_`` (or ``background``) that no annotation uses is the background,
@@ -132,15 +132,13 @@ class CocoDataset(Dataset):
         self._add_categories([c for c in data["categories"] if c["id"] not in background], annotation_file)
         images = self._index_images(data["images"], image_dir)
         annotations = data.get("annotations", [])
-        if crowd_as_instances:
-            annotations = [dict(ann, iscrowd=0) for ann in annotations]
-        elif annotations and all(ann.get("iscrowd") == 1 for ann in annotations):
+        if not crowd_as_instances and annotations and all(ann.get("iscrowd") == 1 for ann in annotations):
             # nothing would be an instance: the file is a tool's, not a crowd-annotated set
             self.problems.append(Problem(str(annotation_file), "", (
                 f"every annotation ({len(annotations)}) is iscrowd=1, as CVAT's COCO export marks each "
                 "mask; read as instances (crowd regions would train nothing)"), WARNING))
-            annotations = [dict(ann, iscrowd=0) for ann in annotations]
-        self._add_annotations(annotations, images, annotation_file)
+            crowd_as_instances = True
+        self._add_annotations(annotations, images, annotation_file, crowd_as_instances)
         by_name = []
         for entry, annotations in images.values():
             extra = {k: entry[k] for k in ("height", "width") if k in entry}
@@ -175,7 +173,8 @@ class CocoDataset(Dataset):
             index[entry["id"]] = (entry, [])
         return index
 
-    def _add_annotations(self, annotations: list, images: dict, annotation_file: Path) -> None:
+    def _add_annotations(self, annotations: list, images: dict, annotation_file: Path,
+                         crowd_as_instances: bool = False) -> None:
         seen_ids = set()
         for ann in annotations:
             where = f"annotation {ann['id']}"
@@ -190,7 +189,7 @@ class CocoDataset(Dataset):
             images[ann["image_id"]][1].append({
                 "id": ann["id"], "category_id": ann["category_id"],
                 "segmentation": annotation_segmentation(ann),
-                "iscrowd": bool(ann.get("iscrowd", 0)), "where": where})
+                "iscrowd": bool(ann.get("iscrowd", 0)) and not crowd_as_instances, "where": where})
 
 
 def read_coco(annotation_file, image_dir, crowd_as_instances: bool = False) -> CocoDataset:
