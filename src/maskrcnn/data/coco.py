@@ -112,8 +112,8 @@ def background_categories(data: dict) -> set:
 
     def is_root(cat) -> bool:
         own = cat.get("supercategory")
-        return (own is None or (isinstance(own, str) and own.strip().lower() in ("", "none", str(cat["name"]).lower()))) \
-            and bool(parents.get(str(cat["name"]), set()) - {cat["id"]})
+        orphan = own is None or (isinstance(own, str) and own.strip().lower() in ("", "none", str(cat["name"]).lower()))
+        return orphan and bool(parents.get(str(cat["name"]), set()) - {cat["id"]})
     return {cat["id"] for cat in data["categories"] if cat["id"] not in used
             and (str(cat["name"]).strip().lower() in BACKGROUND_NAMES or is_root(cat))}
 
