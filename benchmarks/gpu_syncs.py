@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
+
+from maskrcnn.device import host_waits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu_train import AMP, CASES, batch, build_models, step_fn  # noqa: E402
@@ -36,18 +37,7 @@ def counted(fn, device: str) -> tuple[int, Counter]:
         fn()
     if not device.startswith("cuda"):
         return ops.total, ops.sync_sites
-    torch.cuda.synchronize()
-    sites = Counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    for w in caught:
-        if "synchronizing" in str(w.message):
-            sites[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    sites = host_waits(fn)
     return ops.total, sites
 
 

@@ -142,3 +142,22 @@ def test_device_constants_reach_the_gpu_without_waiting_for_it():
         torch.cuda.set_sync_debug_mode("default")
     assert again is first and first.device.type == "cuda"
     assert first.cpu().tolist() == [1.0, 0.5, 2.0, 3.0]
+
+
+def test_pooling_levels_and_rpn_targets_wait_only_where_they_must():
+    """Splitting the ROIs by pyramid level reads back one thing (the level sizes; CUDA's bincount
+    read two more); the RPN targets wait only for the sampler's two counts (no bool-mask selection,
+    the chosen order copied through pinned memory)."""
+    from maskrcnn.device import host_waits
+    from maskrcnn.model.roi_align import boxes_by_level
+    from maskrcnn.model.targets import build_rpn_targets
+    levels = torch.randint(0, 4, (1000,), device="cuda")
+    boxes_by_level(levels, 4)  # warm-up: first-call allocations
+    assert sum(host_waits(lambda: boxes_by_level(levels, 4)).values()) == 1
+    gen = torch.Generator().manual_seed(0)
+    corners = torch.rand(200_000, 2, generator=gen) * 1000
+    anchors = torch.cat([corners, corners + 8 + torch.rand(200_000, 2, generator=gen) * 100], dim=1).cuda()
+    gt = torch.tensor([[100.0, 100.0, 300.0, 260.0], [500.0, 500.0, 700.0, 640.0], [0.0, 0.0, 0.0, 0.0]]).cuda()
+    crowd = torch.tensor([False, True, False]).cuda()
+    build_rpn_targets(anchors, gt, crowd)
+    assert sum(host_waits(lambda: build_rpn_targets(anchors, gt, crowd)).values()) == 2

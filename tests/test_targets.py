@@ -286,3 +286,61 @@ def test_training_step_honours_matterport_knobs(knobs, caplog):
     if knobs.get("image_resize_mode") == "crop":
         det = m.eval().detect([np.zeros((90, 130, 3), np.uint8)])[0]  # the whole image at inference
         assert det.masks.shape[1:] == (90, 130)
+
+
+# ---- the sampler and the host's waits -------------------------------------------------------------
+@pytest.mark.parametrize("n, count", [(10, 3), (10, 10), (10, 25), (1000, 7), (200_000, 256), (5, 0)])
+def test_random_choice_is_distinct_in_range_and_seeded(n, count):
+    from maskrcnn.model.targets import random_choice
+    pick = random_choice(n, count, torch.Generator().manual_seed(1))
+    assert pick.dtype == torch.int64 and pick.numel() == min(n, count)
+    assert pick.unique().numel() == pick.numel() and (pick >= 0).all() and (pick < n).all()
+    assert torch.equal(pick, random_choice(n, count, torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("n", [12, 400])  # a permutation's prefix, and draws with repeats skipped
+def test_random_choice_is_uniform(n):
+    """Every element equally likely to be chosen, and to be chosen first (chi-square, 4000 draws
+    of 3): sequential draws that skip repeats are a uniform sample without replacement."""
+    from maskrcnn.model.targets import random_choice
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([random_choice(n, 3, g) for _ in range(4000)])
+    for counts, total in ((torch.bincount(draws.flatten(), minlength=n), 12000),
+                          (torch.bincount(draws[:, 0], minlength=n), 4000)):
+        expected = total / n
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        dof = n - 1
+        assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)  # about 5 sigma
+
+
+class _HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make a host wait for a GPU: ``nonzero`` and indexing with a bool mask
+    (whose kernel runs ``nonzero``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put_", "_index_put_impl_") and any(
+            t is not None and t.dtype == torch.bool for t in args[1])
+        self.count += name in ("nonzero", "masked_select") or bool_index
+        return func(*args, **(kwargs or {}))
+
+
+def test_targets_wait_for_the_gpu_only_to_sample():
+    """With crowd and empty gt in the image, the targets still select nothing by a bool mask:
+    the host waits twice per stage (the positives' and negatives' counts, for the sampler)."""
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 60.0, 60.0], [0.0, 0.0, 0.0, 0.0]])
+    crowd = torch.tensor([False, True, False])
+    corners = torch.rand(300, 2, generator=torch.Generator().manual_seed(0)) * 60
+    anchors = torch.cat([corners, corners + 12], dim=1)
+    masks = torch.zeros(3, 64, 64, dtype=torch.bool)
+    masks[0, :10, :10] = True
+    with _HostWaits() as waits:
+        labels, _ = build_rpn_targets(anchors, gt, crowd, num_samples=16)
+    assert waits.count == 2 and (labels == 1).any()
+    with _HostWaits() as waits:
+        _, labels, _, _ = build_detection_targets(anchors, gt, torch.tensor([1, 2, 3]), masks, crowd, 16, 0.25)
+    assert waits.count == 2 and (labels == 1).any()

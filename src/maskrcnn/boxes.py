@@ -141,6 +141,4 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     x1 = torch.where(cols, ar_w, big).min(dim=1).values
     x2 = torch.where(cols, ar_w, -1).max(dim=1).values + 1
     boxes = torch.stack([x1, y1, x2, y2], dim=1)
-    empty = ~rows.any(dim=1)
-    boxes[empty] = 0
-    return boxes.float()
+    return torch.where(rows.any(dim=1)[:, None], boxes, 0).float()  # empty: (0, 0, 0, 0)

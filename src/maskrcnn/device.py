@@ -46,3 +46,43 @@ def device_constant(values, device, dtype: torch.dtype = torch.float32) -> torch
     if device.index is None and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     return _kept(_hashable(values), dtype, device)
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor.to(device)`` without making the host wait for a GPU.
+
+    A CPU tensor bound for a GPU is copied through pinned memory, asynchronously: from ordinary
+    host memory PyTorch waits for the copy, i.e. for every kernel queued before it (the stall
+    described above).  Any other move, or none, is ``tensor.to(device)``.  The source may be
+    changed afterwards: pinning copies it first.
+    """
+    device = torch.device(device)
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def host_waits(fn) -> "collections.Counter[str]":
+    """Where ``fn()`` makes the host wait for the GPU, on a CUDA machine: PyTorch's
+    synchronisation warnings (``torch.cuda.set_sync_debug_mode("warn")``: a ``nonzero``, an
+    ``.item()``, a copy to or from ordinary host memory...) counted by "folder/file.py:line" of
+    the Python line that made each call (``maskrcnn/...``, ``torchvision/ops/...``).  The GPU is
+    synchronised first, so that waits queued before the call are not counted."""
+    import collections
+    import os
+    import warnings
+
+    torch.cuda.synchronize()
+    sites: collections.Counter[str] = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchronizing" in str(w.message):
+            folder, name = os.path.split(w.filename)
+            sites[f"{os.path.basename(folder)}/{name}:{w.lineno}"] += 1
+    return sites

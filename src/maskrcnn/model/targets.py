@@ -28,10 +28,10 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_iou, roi_align
+from torchvision.ops import roi_align
 
 from ..boxes import box_deltas
-from ..device import device_constant
+from ..device import device_constant, to_device
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +39,40 @@ log = logging.getLogger(__name__)
 CROWD_IOU = 0.001
 
 
+#: Below this many candidates per sample, :func:`random_choice` permutes them all; above it,
+#: it draws indices one by one and skips repeats (0.2 ms for 256 of an 800x1066 image's 200k
+#: negative anchors, where a permutation of them all took 2 ms of host time a training image).
+DENSE_CHOICE_RATIO = 4
+
+
+def random_choice(n: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``min(count, n)`` distinct integers of ``range(n)``, uniformly at random and in random
+    order: [k] int64 on the CPU, drawn from ``generator`` (a CPU generator, or torch's global
+    one), so the choice does not depend on where the candidates live.
+
+    Few of many (``n >= DENSE_CHOICE_RATIO * count``): uniform draws of ``range(n)`` in turn,
+    each kept unless drawn before (sequential sampling without replacement: every ordered
+    choice equally likely), in O(count) work.  Otherwise the first ``count`` of a permutation.
+    """
+    count = max(0, min(int(count), n))
+    if n < DENSE_CHOICE_RATIO * count:
+        return torch.randperm(n, generator=generator)[:count]
+    chosen: dict[int, None] = {}
+    while len(chosen) < count:
+        for value in torch.randint(n, (2 * (count - len(chosen)),), generator=generator).tolist():
+            chosen.setdefault(value)
+            if len(chosen) == count:
+                break
+    return torch.tensor(list(chosen), dtype=torch.int64)
+
+
 def _random_subset(indices: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
     """At most ``count`` of ``indices`` [K] (int64, any device), chosen uniformly at random,
-    in random order.  The permutation is drawn on the CPU so the result does not depend on
-    the device."""
+    in random order (:func:`random_choice`)."""
     count = max(int(count), 0)
     if indices.numel() <= count:
         return indices
-    order = torch.randperm(indices.numel(), generator=generator)[:count]
-    return indices[order.to(indices.device)]
+    return indices[to_device(random_choice(indices.numel(), count, generator), indices.device)]
 
 
 def sample_balanced(positive: torch.Tensor, negative: torch.Tensor, num_samples: int, positive_ratio: float,
@@ -62,15 +87,6 @@ def sample_balanced(positive: torch.Tensor, negative: torch.Tensor, num_samples:
     keep_pos = _random_subset(torch.nonzero(positive)[:, 0], int(num_samples * positive_ratio), generator)
     keep_neg = _random_subset(torch.nonzero(negative)[:, 0], num_samples - keep_pos.numel(), generator)
     return keep_pos, keep_neg
-
-
-def _crowd_overlap(boxes: torch.Tensor, crowd_boxes: torch.Tensor) -> torch.Tensor:
-    """[N] bool: box i overlaps some crowd box with IoU >= CROWD_IOU.
-
-    boxes: [N, 4], crowd_boxes: [C, 4], both (x1, y1, x2, y2) in the same frame."""
-    if crowd_boxes.shape[0] == 0:
-        return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
-    return box_iou(boxes, crowd_boxes).max(dim=1).values >= CROWD_IOU
 
 
 def _usable(gt_boxes: torch.Tensor, gt_crowd: torch.Tensor) -> torch.Tensor:
@@ -101,42 +117,61 @@ def _iou_block(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
     return inter.div_(union)
 
 
+def _masked_block(boxes: torch.Tensor, gt_boxes: torch.Tensor, usable: torch.Tensor,
+                  crowd: torch.Tensor | None):
+    """IoU [n, G] of boxes [n, 4] with gt_boxes [G, 4], -1 in the columns of gt that is not
+    ``usable`` [G] bool (so it is nobody's best match), and with ``crowd`` [G] bool the rows
+    overlapping some crowd gt with IoU >= CROWD_IOU ([n] bool, else None)."""
+    iou = _iou_block(boxes, gt_boxes)
+    near_crowd = ((iou >= CROWD_IOU) & crowd).any(dim=1) if crowd is not None else None
+    return iou.masked_fill_(~usable, -1.0), near_crowd
+
+
 def _has_gt_best(iou: torch.Tensor, gt_best: torch.Tensor) -> torch.Tensor:
     """[n] bool: row i of ``iou`` [n, G] holds some gt's best IoU ``gt_best`` [G] (ties
     included), when that IoU is > 0."""
     return ((iou == gt_best) & (gt_best > 0)).any(dim=1)
 
 
-def _match(boxes: torch.Tensor, gt_boxes: torch.Tensor, with_gt_best: bool = False):
-    """Best ground truth of each box, and optionally which boxes are some gt's best match.
+def _match(boxes: torch.Tensor, gt_boxes: torch.Tensor, usable: torch.Tensor,
+           crowd: torch.Tensor | None = None, with_gt_best: bool = False):
+    """Best ground truth of each box, and optionally which boxes are some gt's best match and
+    which overlap crowd gt.
 
-    boxes: [N, 4], gt_boxes: [G, 4] with G >= 1.
-    Returns (best IoU [N], best gt index [N] int64 (the first of ties), is_gt_best [N] bool or
-    None): ``is_gt_best`` (with ``with_gt_best``) marks the boxes that have some gt's highest
-    IoU over all boxes (ties included), when that IoU is > 0.  The IoU matrix is computed in
-    blocks of :data:`IOU_BLOCK_ELEMENTS`; in one block when it fits, else ``is_gt_best`` takes a
+    boxes: [N, 4], gt_boxes: [G, 4] with G >= 1, usable: [G] bool, the gt a box may match
+    (:func:`_usable`; the rest keep their rows, so that nothing here waits for the GPU to
+    say how many there are), crowd: [G] bool or None.
+    Returns (best IoU [N], -1 where no gt is usable; best gt index [N] int64 into gt_boxes (the
+    first of ties); is_gt_best [N] bool or None; near_crowd [N] bool or None):
+    ``is_gt_best`` (with ``with_gt_best``) marks the boxes that have some usable gt's highest
+    IoU over all boxes (ties included), when that IoU is > 0; ``near_crowd`` (with ``crowd``)
+    the boxes with IoU >= CROWD_IOU with some crowd gt.  The IoU matrix is computed in blocks
+    of :data:`IOU_BLOCK_ELEMENTS`; in one block when it fits, else ``is_gt_best`` takes a
     second pass, since it needs every gt's best IoU first."""
     rows = max(1, IOU_BLOCK_ELEMENTS // gt_boxes.shape[0])
     if boxes.shape[0] <= rows:
-        iou = _iou_block(boxes, gt_boxes)
+        iou, near_crowd = _masked_block(boxes, gt_boxes, usable, crowd)
         best_iou, best_gt = iou.max(dim=1)
         if not with_gt_best:
-            return best_iou, best_gt, None
+            return best_iou, best_gt, None, near_crowd
         gt_best = iou.amax(dim=0) if boxes.shape[0] else boxes.new_zeros(gt_boxes.shape[0])
-        return best_iou, best_gt, _has_gt_best(iou, gt_best)
-    best_iou, best_gt = [], []
-    gt_best = torch.zeros(gt_boxes.shape[0], dtype=boxes.dtype, device=boxes.device)
+        return best_iou, best_gt, _has_gt_best(iou, gt_best), near_crowd
+    best_iou, best_gt, near_crowd = [], [], []
+    gt_best = torch.full((gt_boxes.shape[0],), -1.0, dtype=boxes.dtype, device=boxes.device)
     for start in range(0, boxes.shape[0], rows):
-        iou = _iou_block(boxes[start:start + rows], gt_boxes)
+        iou, near = _masked_block(boxes[start:start + rows], gt_boxes, usable, crowd)
         value, index = iou.max(dim=1)
         best_iou.append(value)
         best_gt.append(index)
+        near_crowd.append(near)
         gt_best = torch.maximum(gt_best, iou.amax(dim=0))
     is_best = None
     if with_gt_best:
-        is_best = torch.cat([_has_gt_best(_iou_block(boxes[start:start + rows], gt_boxes), gt_best)
+        is_best = torch.cat([_has_gt_best(_masked_block(boxes[start:start + rows], gt_boxes, usable, None)[0],
+                                          gt_best)
                              for start in range(0, boxes.shape[0], rows)])
-    return torch.cat(best_iou), torch.cat(best_gt), is_best
+    return (torch.cat(best_iou), torch.cat(best_gt), is_best,
+            torch.cat(near_crowd) if crowd is not None else None)
 
 
 def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: torch.Tensor,
@@ -166,21 +201,22 @@ def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: t
     """
     device = anchors.device
     num_anchors = anchors.shape[0]
-    gt_crowd = gt_crowd.to(device=device, dtype=torch.bool)
-    gt_boxes = gt_boxes.to(device=device, dtype=anchors.dtype)
-    crowd = _crowd_overlap(anchors, gt_boxes[gt_crowd])
-    objects = gt_boxes[_usable(gt_boxes, gt_crowd)]
-
+    # no bool-mask selection below (of the crowd or usable gt, of the labels): each would make
+    # the host wait for the GPU, with the whole forward pass queued before it
+    gt_crowd = to_device(gt_crowd, device).bool()
+    gt_boxes = to_device(gt_boxes, device).to(anchors.dtype)
     labels = torch.full((num_anchors,), -1, dtype=torch.int64, device=device)
     deltas = torch.zeros(num_anchors, 4, dtype=anchors.dtype, device=device)
-    if objects.shape[0] == 0:
-        labels[~crowd] = 0
+    if gt_boxes.shape[0] == 0:
+        labels.fill_(0)
     else:
         # Each gt's best anchor(s), ties included (Matterport), but not at IoU 0: an object no
-        # anchor touches would otherwise make every anchor positive.
-        best_iou, best_gt, is_best = _match(anchors, objects, with_gt_best=True)
-        labels[(best_iou < negative_iou) & ~crowd] = 0
-        labels[is_best | (best_iou >= positive_iou)] = 1
+        # anchor touches would otherwise make every anchor positive.  Without usable gt every
+        # best IoU is -1: all anchors but those near crowd are negative.
+        best_iou, best_gt, is_best, near_crowd = _match(anchors, gt_boxes, _usable(gt_boxes, gt_crowd),
+                                                        gt_crowd, with_gt_best=True)
+        labels.masked_fill_((best_iou < negative_iou) & ~near_crowd, 0)
+        labels.masked_fill_(is_best | (best_iou >= positive_iou), 1)
 
     keep_pos, keep_neg = sample_balanced(labels == 1, labels == 0, num_samples, positive_ratio, generator)
     labels.fill_(-1)
@@ -188,7 +224,7 @@ def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: t
     labels[keep_neg] = 0
 
     if keep_pos.numel():
-        deltas[keep_pos] = box_deltas(anchors[keep_pos], objects[best_gt[keep_pos]], std)
+        deltas[keep_pos] = box_deltas(anchors[keep_pos], gt_boxes[best_gt[keep_pos]], std)
     return labels, deltas
 
 
@@ -199,6 +235,21 @@ def build_detection_targets(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_
                             mask_shape=(28, 28), generator: torch.Generator | None = None,
                             mini_masks: bool = False
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample ROIs for the box and mask heads and build their targets (Matterport's
+    ``detection_targets_graph``): :func:`sample_detection_targets` (arguments and the first four
+    results as there) without the count of positives."""
+    return sample_detection_targets(proposals, gt_boxes, gt_labels, gt_masks, gt_crowd, num_samples,
+                                    positive_ratio, positive_iou, negative_iou, std, mask_shape, generator,
+                                    mini_masks)[:4]
+
+
+def sample_detection_targets(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
+                             gt_masks: torch.Tensor, gt_crowd: torch.Tensor, num_samples: int,
+                             positive_ratio: float, positive_iou: float = 0.5,
+                             negative_iou: float = 0.5, std=(1.0, 1.0, 1.0, 1.0),
+                             mask_shape=(28, 28), generator: torch.Generator | None = None,
+                             mini_masks: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Sample ROIs for the box and mask heads and build their targets (Matterport's
     ``detection_targets_graph``).
 
@@ -231,26 +282,27 @@ def build_detection_targets(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_
               resized (torchvision ``roi_align`` with ``aligned=True``, whose half-pixel shift
               fits our pixel-corner boxes), thresholded at 0.5 like Matterport; zeros for
               negatives.
+      num_positive: int, how many of the first rows are positives: known on the host, so the
+              caller picks them by slicing, without waiting for the GPU to count labels > 0.
     """
     device = proposals.device
     dtype = proposals.dtype
-    gt_crowd = gt_crowd.to(device=device, dtype=torch.bool)
-    gt_boxes = gt_boxes.to(device=device, dtype=dtype)
+    # every gt box joins the candidates and keeps its row, the unusable ones (crowd, empty)
+    # marked invalid: no bool-mask selection, so the host does not wait for the GPU here
+    gt_crowd = to_device(gt_crowd, device).bool()
+    gt_boxes = to_device(gt_boxes, device).to(dtype)
     usable = _usable(gt_boxes, gt_crowd)
-    objects = gt_boxes[usable]
-    object_labels = gt_labels.to(device)[usable]
-    object_masks = gt_masks.to(device)[usable]
-    candidates = torch.cat([proposals.detach(), objects], dim=0)
-    crowd = _crowd_overlap(candidates, gt_boxes[gt_crowd])
+    candidates = torch.cat([proposals.detach(), gt_boxes], dim=0)
+    valid = torch.cat([torch.ones(proposals.shape[0], dtype=torch.bool, device=device), usable])
 
-    if objects.shape[0] == 0:
+    if gt_boxes.shape[0] == 0:
         positive = torch.zeros(candidates.shape[0], dtype=torch.bool, device=device)
-        negative = ~crowd
+        negative = valid
         best_gt = torch.zeros(candidates.shape[0], dtype=torch.int64, device=device)
     else:
-        best_iou, best_gt, _ = _match(candidates, objects)
-        positive = best_iou >= positive_iou
-        negative = (best_iou < negative_iou) & ~crowd & ~positive
+        best_iou, best_gt, _, near_crowd = _match(candidates, gt_boxes, usable, gt_crowd)
+        positive = (best_iou >= positive_iou) & valid
+        negative = (best_iou < negative_iou) & ~near_crowd & ~positive & valid
 
     keep_pos, keep_neg = sample_balanced(positive, negative, num_samples, positive_ratio, generator)
     keep = torch.cat([keep_pos, keep_neg])
@@ -262,11 +314,11 @@ def build_detection_targets(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_
     masks = torch.zeros(keep.numel(), *mask_shape, dtype=dtype, device=device)
     if num_pos:
         matched = best_gt[keep_pos]
-        labels[:num_pos] = object_labels[matched]
-        deltas[:num_pos] = box_deltas(rois[:num_pos], objects[matched], std)
-        masks[:num_pos] = crop_mask_targets(object_masks, matched, rois[:num_pos], mask_shape,
-                                            objects if mini_masks else None)
-    return rois, labels, deltas, masks
+        labels[:num_pos] = to_device(gt_labels, device)[matched]
+        deltas[:num_pos] = box_deltas(rois[:num_pos], gt_boxes[matched], std)
+        masks[:num_pos] = crop_mask_targets(to_device(gt_masks, device), matched, rois[:num_pos], mask_shape,
+                                            gt_boxes if mini_masks else None)
+    return rois, labels, deltas, masks, num_pos
 
 
 def crop_mask_targets(gt_masks: torch.Tensor, gt_index: torch.Tensor, rois: torch.Tensor,

@@ -30,7 +30,7 @@ from ..errors import DataError
 from . import losses as L
 from .preprocess import (ImageMeta, as_chw_uint8, as_hwc_uint8, mold_images, mold_resized_images,
                          resize_bilinear_uint8, resize_matterport, torchvision_scale, torchvision_size)
-from .targets import build_detection_targets, build_rpn_targets, keep_largest, minimize_masks, random_rois
+from .targets import build_rpn_targets, keep_largest, minimize_masks, random_rois, sample_detection_targets
 
 
 def to_pixels(model, boxes: torch.Tensor, image_shape) -> torch.Tensor:
@@ -99,8 +99,9 @@ def scale_target(target: dict, meta: ImageMeta, device=None, max_instances: int 
     if target.get("boxes") is not None and n:
         boxes = scale_boxes(target["boxes"], meta, masks.device)
     else:
-        boxes = box_ops.masks_to_boxes(resized)
-        boxes[resized.flatten(1).any(dim=1)] += device_constant((x1, y1, x1, y1), boxes.device)
+        boxes = box_ops.masks_to_boxes(resized)  # an empty mask's (0, 0, 0, 0) stays: not shifted
+        shift = device_constant((x1, y1, x1, y1), boxes.device)
+        boxes = torch.where(resized.flatten(1).any(dim=1)[:, None], boxes + shift, boxes)
     return dict(scaled, masks=resized, boxes=boxes)
 
 
@@ -303,9 +304,9 @@ def head_losses(model, features, proposals: list[torch.Tensor], gts: list[dict],
     the box head on all of them, the mask head on the positive ones (their batch padded with
     :func:`pad_to_bucket`, the padding's logits dropped before the loss)."""
     cfg = model.config
-    rois, labels, deltas, masks = [], [], [], []
+    rois, labels, deltas, masks, counts = [], [], [], [], []
     for p, g in zip(proposals, gts):
-        r, lab, d, m = build_detection_targets(
+        r, lab, d, m, n = sample_detection_targets(
             p, g["boxes"], g["labels"], g["masks"], g["crowd"],
             cfg.train_rois_per_image, cfg.roi_positive_ratio, cfg.roi_positive_iou, cfg.roi_negative_iou,
             box_ops.std_xy(cfg.bbox_std_dev), cfg.mask_shape, mini_masks=g["mini"])
@@ -313,15 +314,16 @@ def head_losses(model, features, proposals: list[torch.Tensor], gts: list[dict],
         labels.append(lab)
         deltas.append(d)
         masks.append(m)
+        counts.append(n)
     class_logits, box_deltas = model.classify(features, rois, image_shape)
     labels_all = torch.cat(labels)
     losses = {"mrcnn_class_loss": L.mrcnn_class_loss(class_logits, labels_all),
               "mrcnn_bbox_loss": L.mrcnn_bbox_loss(box_deltas, torch.cat(deltas), labels_all)}
 
-    positive = [lab > 0 for lab in labels]
-    pos_rois = [r[p] for r, p in zip(rois, positive)]
-    pos_labels = labels_all[labels_all > 0]
-    pos_masks = torch.cat([m[p] for m, p in zip(masks, positive)])
+    # each image's positives are its first ROIs: sliced, not picked by labels > 0 (a GPU wait each)
+    pos_rois = [r[:n] for r, n in zip(rois, counts)]
+    pos_labels = torch.cat([lab[:n] for lab, n in zip(labels, counts)])
+    pos_masks = torch.cat([m[:n] for m, n in zip(masks, counts)])
     if pos_labels.numel():
         bucket = mask_batch_bucket(cfg.mask_batch_bucket, class_logits.device, model.mask_head)
         mask_logits = model.mask_logits(features, pad_to_bucket(pos_rois, bucket), image_shape)
