@@ -102,10 +102,10 @@ def test_rpn_outputs(case, model):
 
 def test_proposal_layer_teacher_forced(case, cfg):
     _, e, _, _ = case
-    boxes, _ = propose_global(torch.from_numpy(e["rpn_class"][0, :, 1]), torch.from_numpy(xy(e["rpn_bbox"][0])),
-                              torch.from_numpy(xy(e["anchors"])), torch.tensor([0.0, 0.0, 1.0, 1.0]),
-                              cfg.pre_nms_limit, cfg.post_nms_rois_inference, cfg.rpn_nms_threshold,
-                              B.std_xy(cfg.rpn_bbox_std_dev))
+    (boxes, _), = propose_global(torch.from_numpy(e["rpn_class"][:1, :, 1]), torch.from_numpy(xy(e["rpn_bbox"][:1])),
+                                 torch.from_numpy(xy(e["anchors"])), torch.tensor([[0.0, 0.0, 1.0, 1.0]]),
+                                 cfg.pre_nms_limit, cfg.post_nms_rois_inference, cfg.rpn_nms_threshold,
+                                 B.std_xy(cfg.rpn_bbox_std_dev))
     assert boxes.shape == (1000, 4)
     # Row for row, including image 3's exactly tied anchors (lower index first).
     np.testing.assert_allclose(xy(boxes.numpy()), e["rpn_rois"][0], atol=5e-7, rtol=0)

@@ -159,18 +159,12 @@ class MaskRCNN(nn.Module):
         cfg = self.config
         limit = pre_nms_limit or cfg.pre_nms_limit
         std = box_ops.std_xy(cfg.rpn_bbox_std_dev)
-        out = []
-        for i in range(rpn_deltas.shape[0]):
-            if cfg.proposal_selection == "global":
-                scores = self.rpn.foreground_probability(rpn_logits[i])
-                out.append(propose_global(scores, rpn_deltas[i], anchors, windows[i], limit, count,
-                                          cfg.rpn_nms_threshold, std, cfg.bbox_decode_clip, cfg.rpn_min_size))
-            else:
-                logits = self.rpn.foreground_logit(rpn_logits[i])
-                out.append(propose_per_level(logits, rpn_deltas[i], anchors, windows[i], level_sizes,
-                                             limit, count, cfg.rpn_nms_threshold, std,
-                                             cfg.bbox_decode_clip, cfg.rpn_min_size))
-        return out
+        windows = torch.stack(list(windows))
+        if cfg.proposal_selection == "global":
+            return propose_global(self.rpn.foreground_probability(rpn_logits), rpn_deltas, anchors, windows,
+                                  limit, count, cfg.rpn_nms_threshold, std, cfg.bbox_decode_clip, cfg.rpn_min_size)
+        return propose_per_level(self.rpn.foreground_logit(rpn_logits), rpn_deltas, anchors, windows, level_sizes,
+                                 limit, count, cfg.rpn_nms_threshold, std, cfg.bbox_decode_clip, cfg.rpn_min_size)
 
     def first_stage(self, batch: torch.Tensor, metas: list[ImageMeta], proposal_count: int | None,
                     pre_nms_limit: int | None = None) -> FirstStage:
