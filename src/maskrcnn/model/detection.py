@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import remove_small_boxes
 
 from ..boxes import apply_box_deltas, batched_nms, clip_boxes, normalize_boxes
 from ..structures import Detections
@@ -55,9 +54,9 @@ def detect_boxes(rois: torch.Tensor, class_logits: torch.Tensor, deltas: torch.T
         scores = probs[:, 1:].reshape(-1)
         class_ids = torch.arange(1, num_classes, device=probs.device).repeat(r)
         keep = scores > min_confidence
+    if min_size > 0:  # torchvision's remove_small_boxes, in the same mask: one wait for the GPU, not two
+        keep &= ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
     idx = torch.nonzero(keep).squeeze(1)
-    if min_size > 0:
-        idx = idx[remove_small_boxes(boxes[idx], min_size)]
     kept = idx[batched_nms(boxes[idx], scores[idx], class_ids[idx], nms_threshold)]
     if mode == "argmax":
         kept = stable_score_order(scores, kept)
@@ -136,7 +135,10 @@ def unmold(det: dict, meta, image_shape, box_frame: str, mask_paste: str, mask_t
     """
     h, w = meta.original_shape
     y1, x1, y2, x2 = meta.window
-    boxes = det["boxes"].float().cpu()
+    # boxes, class ids and scores come to the host in one copy (one wait for the GPU, not three)
+    host = torch.cat([det["boxes"].float(), det["class_ids"][:, None].float(), det["scores"].float()[:, None]],
+                     dim=1).cpu()
+    boxes, class_ids, scores = host[:, :4], host[:, 4].long(), host[:, 5]
     if box_frame == "normalized":
         # Matterport's unmold_detections: shift and scale by the normalized window, then
         # denorm_boxes on the original shape (round half to even), drop empty boxes.
@@ -151,16 +153,18 @@ def unmold(det: dict, meta, image_shape, box_frame: str, mask_paste: str, mask_t
         # original / resized size per axis, divided in float32 as torchvision's postprocess
         ratio = torch.tensor([float(w), float(h)]) / torch.tensor([float(x2 - x1), float(y2 - y1)])
         boxes = (boxes - torch.tensor([x1, y1, x1, y1], dtype=torch.float32)) * ratio[[0, 1, 0, 1]]
-        keep = torch.ones(boxes.shape[0], dtype=torch.bool)
-    boxes, labels, scores = boxes[keep], det["class_ids"].cpu()[keep], det["scores"].float().cpu()[keep]
+        keep = None  # every box: no selection on the host nor on the GPU
+    if keep is not None:
+        boxes, class_ids, scores = boxes[keep], class_ids[keep], scores[keep]
     probs = det["mask_probs"].float()
     if mask_paste == "matterport":
         ib = boxes.round().long()
         ib[:, 0::2] = ib[:, 0::2].clamp(0, w)
         ib[:, 1::2] = ib[:, 1::2].clamp(0, h)
-        full = paste_masks_matterport(probs.cpu()[keep], ib, (h, w), mask_threshold)
+        full = paste_masks_matterport(probs.cpu() if keep is None else probs.cpu()[keep], ib, (h, w), mask_threshold)
     else:
         # pasted where the masks are, as torchvision does: on a GPU the small resizes are
         # kernels, not host work (100 masks into 800x1333 take 47 ms on 2 CPU cores)
-        full = paste_masks_torchvision(probs[keep.to(probs.device)], boxes, (h, w), mask_threshold).cpu()
-    return Detections(boxes.float(), labels.long(), scores, full)
+        full = paste_masks_torchvision(probs if keep is None else probs[keep.to(probs.device)], boxes, (h, w),
+                                       mask_threshold).cpu()
+    return Detections(boxes.float(), class_ids, scores, full)

@@ -220,12 +220,15 @@ def boxes_by_level(levels: torch.Tensor, count: int) -> list[torch.Tensor]:
 
     levels: [R] int64 in [0, count).  Returns ``count`` int64 tensors.  One stable sort and one
     read of the level sizes, where a ``nonzero`` per level makes the host wait for the GPU once
-    per level; while exporting a graph, where sizes are unknown, the ``nonzero`` form.
+    per level (the sizes are counted by comparison: CUDA's ``bincount`` reads its input's
+    extremes back first, two more waits); while exporting a graph, where sizes are unknown, the
+    ``nonzero`` form.
     """
     if torch.compiler.is_exporting() or torch.compiler.is_compiling():
         return [torch.nonzero(levels == lvl).squeeze(1) for lvl in range(count)]
     order = torch.sort(levels, stable=True).indices
-    return list(order.split(torch.bincount(levels, minlength=count).tolist()))
+    every = torch.arange(count, device=levels.device, dtype=levels.dtype)
+    return list(order.split((levels[None, :] == every[:, None]).sum(dim=1).tolist()))
 
 
 def pyramid_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor], output_size: int,
