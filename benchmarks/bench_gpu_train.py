@@ -76,14 +76,14 @@ def batch(n: int, h: int, w: int, instances: int, seed: int = 0):
 class RoiCounts:
     """Per iteration of each model: its positive ROIs and its mask head's batch, recorded by
     wrapping torchvision's ``RoIHeads.select_training_samples`` and ``maskrcnn_loss`` and our
-    ``build_detection_targets`` and ``MaskRCNN.mask_logits``.  Counts stay tensors until read,
+    ``sample_detection_targets`` and ``MaskRCNN.mask_logits``.  Counts stay tensors until read,
     so recording adds no GPU synchronisation to the timed iterations."""
 
     def __init__(self):
         self.model = None
         self.rows = defaultdict(list)  # model name -> [(positive counts, mask batch sizes)] per iteration
         select, mask_loss = roi_heads.RoIHeads.select_training_samples, roi_heads.maskrcnn_loss
-        build, mask_logits = training.build_detection_targets, maskrcnn.MaskRCNN.mask_logits
+        build, mask_logits = training.sample_detection_targets, maskrcnn.MaskRCNN.mask_logits
 
         def tv_select(head, proposals, targets):
             out = select(head, proposals, targets)
@@ -96,7 +96,7 @@ class RoiCounts:
 
         def our_build(*args, **kwargs):
             out = build(*args, **kwargs)
-            self._add(0, (out[1] > 0).sum())
+            self._add(0, out[4])  # the positives' count, an int
             return out
 
         def our_mask_logits(model, features, boxes, image_shape, class_ids=None):
@@ -105,7 +105,7 @@ class RoiCounts:
 
         roi_heads.RoIHeads.select_training_samples = tv_select
         roi_heads.maskrcnn_loss = tv_mask_loss
-        training.build_detection_targets = our_build
+        training.sample_detection_targets = our_build
         maskrcnn.MaskRCNN.mask_logits = our_mask_logits
 
     def start(self, model: str) -> None:
@@ -182,7 +182,7 @@ def instrument_training(name: str, model, timer: StageTimer) -> None:
     timer.wrap(training, "build_rpn_targets", "RPN targets")
     timer.wrap(losses_module, "rpn_class_loss", "RPN loss")
     timer.wrap(losses_module, "rpn_bbox_loss", "RPN loss")
-    timer.wrap(training, "build_detection_targets", "ROI targets")
+    timer.wrap(training, "sample_detection_targets", "ROI targets")
     timer.wrap(losses_module, "mrcnn_class_loss", "box loss")
     timer.wrap(losses_module, "mrcnn_bbox_loss", "box loss")
     timer.wrap(losses_module, "mrcnn_mask_loss", "mask loss")
@@ -198,7 +198,7 @@ def training_stages(cases: list[str], amps: list[str], reps: int, device: str) -
         images, targets = batch(n, h, w, k)
         models = {k2: m.to(device) for k2, m in build_models(h, w, ["ours"], device="cpu").items()}
         for amp in amps:
-            samples = {}
+            samples, peaks = {}, {}
             for name, model in models.items():
                 timer = StageTimer(device)
                 instrument_training(name, model, timer)
@@ -206,12 +206,16 @@ def training_stages(cases: list[str], amps: list[str], reps: int, device: str) -
                 try:
                     fn()  # warm-up (anchors, caches, cuDNN heuristics)
                     samples[name] = [timer.collect(fn) for _ in range(reps)]
+                    peaks[name] = timer.peaks
                 finally:
                     timer.remove()
+            cuda = torch.device(device).type == "cuda"
             print(f"\n#### Training stages, {n}x{h}x{w}, {k} instances, {amp}, {device} (ms, median of {reps}, "
-                  f"synchronised at every stage)\n")
-            print("| stage | ours | torchvision | ours / torchvision |")
-            print("|---|---:|---:|---:|")
+                  f"synchronised at every stage"
+                  + ("; peak MiB: the most allocated during the stage, above the step's start" if cuda else "")
+                  + ")\n")
+            print("| stage | ours | torchvision | ours / torchvision |" + (" ours peak MiB | torchvision peak MiB |" if cuda else ""))
+            print("|---|---:|---:|---:|" + ("---:|---:|" if cuda else ""))
             med = {name: {s: statistics.median(d.get(s, 0.0) for d in rows) for s in TRAIN_STAGES + ["total"]}
                    for name, rows in samples.items()}
             for m in med.values():
@@ -219,7 +223,8 @@ def training_stages(cases: list[str], amps: list[str], reps: int, device: str) -
             for s in TRAIN_STAGES + ["other", "total"]:
                 a, b = med["ours"][s], med["torchvision"][s]
                 ratio = f"{a / b:.2f}" if b > 1e-4 else ""
-                print(f"| {s} | {a * 1e3:.1f} | {b * 1e3:.1f} | {ratio} |", flush=True)
+                mem = f" {peaks['ours'].get(s, 0):.0f} | {peaks['torchvision'].get(s, 0):.0f} |" if cuda else ""
+                print(f"| {s} | {a * 1e3:.1f} | {b * 1e3:.1f} | {ratio} |{mem}", flush=True)
 
 
 def measure(fns: dict, reps: int, warmup: int) -> dict:

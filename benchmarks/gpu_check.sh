@@ -9,8 +9,8 @@
 # builds a folder with all of it to carry to such a machine.
 set -uo pipefail
 mode=${1:-quick}
-# with OUT set (the device tool), a copy of everything printed lands in $OUT/gpu_check.log
-if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
+# with OUT set (the device tool), a copy of everything printed lands in $OUT/gpu_check_<mode>.log
+if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_check_$mode.log") 2>&1; fi
 if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import pycocotools" 2>/dev/null; then
   # the wheel that fits this python (benchmarks/gpu_snapshot.sh fetches one per CPython version)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --find-links .whl \
@@ -33,7 +33,7 @@ if [ "$mode" = quick ]; then
   echo "## Where the GPU waits for the host (synchronising calls, ops)"
   timeout 70 python3 benchmarks/gpu_syncs.py
   echo "## GPU utilisation during maskrcnn train (800x1066 COCO, batch 4, default workers)"
-  timeout 90 python3 benchmarks/gpu_train_utilisation.py --images 32 --steps 40 --batch 4 --skip 25 \
+  timeout 100 python3 benchmarks/gpu_train_utilisation.py --images 32 --steps 150 --batch 4 --skip 15 \
     --extra --set backbone=resnet50
   exit 0
 fi
@@ -42,8 +42,8 @@ fi
 # detect over a folder and the training step's split
 echo "## GPU training benchmark, small case"
 timeout 70 python3 benchmarks/bench_gpu_train.py --cases small --amp fp32,bf16 --cudnn-benchmark on,off --reps 4
-echo "## Where each model's training time goes (batch 8, synchronised at every stage)"
-timeout 100 python3 benchmarks/bench_gpu_train.py --stages --cases large --amp fp32,bf16 --reps 3
+echo "## Where each model's training time and memory go (synchronised at every stage)"
+timeout 120 python3 benchmarks/bench_gpu_train.py --stages --cases small,large --amp fp32,bf16 --reps 3
 timeout 90 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark off --reps 1 \
   --warmup 1 --profile
 echo "## GPU inference benchmark, all four cases"

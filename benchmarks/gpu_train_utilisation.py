@@ -250,11 +250,19 @@ def main(argv=None) -> None:
     stop.set()
     sampler.join()
     print(proc.stdout[-1500:], proc.stderr[-1500:] if proc.returncode else "", sep="\n")
+    run = time.perf_counter() - start
     steady = [u for t, u in samples if t - start > args.skip]
-    if steady:
+    if not samples:
+        print(f"no GPU utilisation samples (nvidia-smi missing?); run {run:.0f} s, exit {proc.returncode}")
+    elif steady:
         print(f"GPU utilisation after the first {args.skip:.0f} s: mean {statistics.mean(steady):.0f}%, "
               f"median {statistics.median(steady):.0f}%, {len(steady)} samples; "
-              f"run {time.perf_counter() - start:.0f} s, exit {proc.returncode}")
+              f"run {run:.0f} s, exit {proc.returncode}")
+    else:
+        every = [u for _, u in samples]
+        print(f"the run ({run:.0f} s) ended within the first {args.skip:.0f} s: no steady part; over the whole run, "
+              f"start-up included, mean {statistics.mean(every):.0f}%, median {statistics.median(every):.0f}%, "
+              f"{len(every)} samples; exit {proc.returncode} (more --steps, or a smaller --skip)")
 
 
 if __name__ == "__main__":

@@ -86,25 +86,50 @@ def interleaved(fns: dict, reps: int, device, warmup: int = 1) -> dict[str, list
 
 
 class StageTimer:
-    """Seconds per named stage, from forward hooks on modules and wrappers around functions."""
+    """Seconds per named stage, from forward hooks on modules and wrappers around functions;
+    on CUDA also each stage's peak memory (MiB above what was allocated when :meth:`collect`
+    began), spans nested or not."""
 
     def __init__(self, device):
         self.device = device
         self.times = defaultdict(float)
+        self.peaks = defaultdict(float)
         self.active = False
         self._undo = []
+        self._open = []  # peak bytes seen so far by each open span, innermost last
+        self._base = 0
+
+    def _cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+    def _begin(self) -> None:
+        sync(self.device)
+        if self._cuda():
+            if self._open:  # the enclosing span keeps what it saw before this one resets the peak
+                self._open[-1] = max(self._open[-1], torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+            self._open.append(0)
+
+    def _end(self, stage: str) -> None:
+        sync(self.device)
+        if self._cuda() and self._open:
+            peak = max(self._open.pop(), torch.cuda.max_memory_allocated())
+            self.peaks[stage] = max(self.peaks[stage], (peak - self._base) / 2 ** 20)
+            if self._open:
+                self._open[-1] = max(self._open[-1], peak)
+            torch.cuda.reset_peak_memory_stats()  # the enclosing span's later peak starts here
 
     @contextmanager
     def span(self, stage: str):
         if not self.active:
             yield
             return
-        sync(self.device)
+        self._begin()
         t = time.perf_counter()
         try:
             yield
         finally:
-            sync(self.device)
+            self._end(stage)
             self.times[stage] += time.perf_counter() - t
 
     def wrap(self, owner, name: str, stage):
@@ -125,24 +150,35 @@ class StageTimer:
 
         def pre(*_):
             if self.active:
-                sync(self.device)
+                self._begin()
                 state["t"] = time.perf_counter()
 
         def post(*_):
             if self.active and "t" in state:
-                sync(self.device)
+                self._end(stage)
                 self.times[stage] += time.perf_counter() - state.pop("t")
 
         self._undo.append(module.register_forward_pre_hook(pre).remove)
         self._undo.append(module.register_forward_hook(post).remove)
 
     def collect(self, fn) -> dict[str, float]:
+        """Seconds per stage of one call of ``fn``, and "total"; the peaks accumulate in
+        :attr:`peaks` (MiB, "total" the whole call's) over calls."""
         self.times.clear()
+        self._open.clear()
+        if self._cuda():
+            sync(self.device)
+            self._base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            self._open.append(0)
         self.active = True
         try:
             total = timed(fn, self.device)
         finally:
             self.active = False
+        if self._cuda():
+            peak = max(self._open.pop(), torch.cuda.max_memory_allocated())
+            self.peaks["total"] = max(self.peaks["total"], (peak - self._base) / 2 ** 20)
         out = dict(self.times)
         out["total"] = total
         return out
