@@ -219,9 +219,9 @@ def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: t
         labels.masked_fill_(is_best | (best_iou >= positive_iou), 1)
 
     keep_pos, keep_neg = sample_balanced(labels == 1, labels == 0, num_samples, positive_ratio, generator)
-    labels.fill_(-1)
-    labels[keep_pos] = 1
-    labels[keep_neg] = 0
+    # index_fill_ passes the number to the kernel: ``labels[keep] = 1`` would copy it from a CPU
+    # tensor in ordinary host memory, a wait for the GPU each (seen on an H200)
+    labels.fill_(-1).index_fill_(0, keep_pos, 1).index_fill_(0, keep_neg, 0)
 
     if keep_pos.numel():
         deltas[keep_pos] = box_deltas(anchors[keep_pos], gt_boxes[best_gt[keep_pos]], std)

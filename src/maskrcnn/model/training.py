@@ -82,7 +82,10 @@ def scale_target(target: dict, meta: ImageMeta, device=None, max_instances: int 
         raise DataError(f"{masks.shape[0]} masks but {n} labels in a target")
     if mini and target.get("boxes") is None:
         raise DataError("a target with mini_masks needs the boxes they span")
-    crowd = torch.as_tensor(target.get("iscrowd", torch.zeros(n)), device=device).bool().reshape(-1)
+    if "iscrowd" in target:
+        crowd = torch.as_tensor(target["iscrowd"], device=device).bool().reshape(-1)
+    else:  # made where the masks are: a CPU tensor copied to a GPU makes the host wait (seen on an H200)
+        crowd = torch.zeros(n, dtype=torch.bool, device=masks.device)
     if (max_instances and n > max_instances) or (mini_mask_shape is not None and not mini):
         target = select_instances(target, masks, labels, crowd, max_instances, mini_mask_shape, mini)
         return scale_target(target, meta, device)
