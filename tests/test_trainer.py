@@ -309,3 +309,25 @@ def test_default_workers_feed_a_gpu_from_the_cores_each_process_has(monkeypatch)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setattr(trainer_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
     assert trainer_module.default_workers(cuda) == 5
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_before_the_weights_change(tmp_path):
+    """The losses are read after the backward pass is queued (one wait for a GPU, not seven),
+    but a NaN still stops the step before the optimizer: the weights stay those of the last
+    good step, and the message names the step and each loss."""
+    from maskrcnn.errors import MaskRCNNError
+    trainer = _trainer(tmp_path)
+    trainer.fit(2)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    forward = trainer.wrapped.forward
+
+    def poisoned(*args, **kwargs):
+        losses = forward(*args, **kwargs)
+        losses["mrcnn_mask_loss"] = losses["mrcnn_mask_loss"] * float("nan")
+        return losses
+
+    trainer.wrapped.forward = poisoned
+    with pytest.raises(MaskRCNNError, match=r"the loss became nan at step 3 \(.*mrcnn_mask_loss=nan"):
+        trainer.fit(3)
+    after = trainer.model.state_dict()
+    assert trainer.step == 2 and all(torch.equal(before[k], after[k]) for k in before)

@@ -411,12 +411,18 @@ class Trainer:
         with amp:
             losses = self.wrapped(images, targets)
         total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise MaskRCNNError(f"the loss became {float(total)} at step {self.step + 1} "
-                                f"({', '.join(f'{k}={float(v):.4g}' for k, v in losses.items())}); "
-                                "lower learning_rate or resume from the last checkpoint")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        # The losses are read once, after the backward pass is queued: on a GPU each read makes
+        # the host wait for every kernel before it, and a read between forward and backward
+        # kept the host from queuing the backward while the forward ran.  A loss that is not
+        # finite still stops the run before the optimizer touches the weights.
+        names = [*losses, "loss"]
+        values = dict(zip(names, torch.stack([v.detach().float() for v in [*losses.values(), total]]).tolist()))
+        if not math.isfinite(values["loss"]):
+            raise MaskRCNNError(f"the loss became {values['loss']} at step {self.step + 1} "
+                                f"({', '.join(f'{k}={values[k]:.4g}' for k in losses)}); "
+                                "lower learning_rate or resume from the last checkpoint")
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, self.config.gradient_clip_norm)
@@ -424,8 +430,6 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        values["loss"] = float(total.detach())
         return values
 
     def fit(self, steps: int, resume: bool = False, max_seconds: float | None = None) -> dict:
