@@ -1,5 +1,6 @@
 """The speed paths give the reference path's answers: BN folded into convs, channels-last
-features, the CPU's embedding_bag ROI pooling and its Winograd 3x3 convolutions."""
+features, the CPU's embedding_bag ROI pooling and its Winograd 3x3 convolutions, the GPU's
+batched mask paste."""
 import pytest
 import torch
 from torch import nn
@@ -290,3 +291,28 @@ def test_device_constant_is_made_once_off_the_cpu_and_fresh_on_it():
     assert not kept.is_inference() and not kept.requires_grad  # ... usable by training afterwards
     assert device_constant((0.1, 0.1, 0.2, 0.2), "meta", torch.float64) is not kept
     assert device_constant((0.1, 0.1, 0.2, 0.3), "meta") is not kept
+
+
+@pytest.mark.parametrize("block", [1 << 24, 5000])
+def test_batched_mask_paste_equals_the_per_mask_interpolate(monkeypatch, block):
+    """The batched paste (used on CUDA) gives the per-mask ``interpolate`` paste pixel for pixel:
+    boxes inside, across and past the image's edges, zero-width boxes, one mask per block too."""
+    from maskrcnn.model import detection
+    from maskrcnn.model.detection import paste_masks_torchvision
+    monkeypatch.setattr(detection, "PASTE_BLOCK_ELEMENTS", block)
+    g = torch.Generator().manual_seed(0)
+    pasted = 0
+    for trial in range(40):
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        h, w = (int(v) for v in torch.randint(20, 160, (2,), generator=g))
+        masks = torch.rand(n, 28, 28, generator=g)
+        centre = (torch.rand(n, 2, generator=g) * 1.4 - 0.2) * torch.tensor([w, h])
+        size = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) * 0.8 + 0.01
+        if trial % 5 == 0:
+            size[0, 0] = 0.0
+        boxes = torch.cat([centre - size / 2, centre + size / 2], dim=1)
+        loop = paste_masks_torchvision(masks, boxes, (h, w), batched=False)
+        batched = paste_masks_torchvision(masks, boxes, (h, w), batched=True)
+        assert batched.shape == (n, h, w) and torch.equal(batched, loop), trial
+        pasted += int(loop.sum())
+    assert pasted > 10_000  # the comparison saw masks, not only empty images

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..boxes import apply_box_deltas, batched_nms, clip_boxes, normalize_boxes
+from ..device import to_device
 from ..structures import Detections
 
 
@@ -90,26 +91,38 @@ def paste_masks_matterport(masks: torch.Tensor, boxes: torch.Tensor, image_shape
     return out
 
 
+#: Float entries (masks x image pixels) the batched paste computes at a time: 16M floats, 64 MB
+#: per temporary (16 masks of 800x1333 at once).
+PASTE_BLOCK_ELEMENTS = 1 << 24
+
+
 def paste_masks_torchvision(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int],
-                            threshold: float = 0.5, padding: int = 1) -> torch.Tensor:
+                            threshold: float = 0.5, padding: int = 1, batched: bool | None = None) -> torch.Tensor:
     """torchvision's ``paste_masks_in_image`` followed by ``> threshold``.
 
     masks: [N, m, m] probabilities, on any device (the paste runs there).  boxes: [N, (x1, y1,
     x2, y2)] float pixels of the image, best on the CPU (their corners are read by the host).
+    batched: paste all masks with a few kernels (:func:`_paste_batched`) rather than one
+    ``interpolate`` per mask; None chooses it on CUDA, where a loop's launches (about 15 host
+    calls a mask) set the time, and the loop on a CPU, where the batched form's full-image
+    arithmetic is the slower one.
     Returns [N, H, W] bool on the masks' device.
     """
     n, m = masks.shape[0], masks.shape[-1]
     h, w = image_shape
-    out = torch.zeros(n, h, w, dtype=torch.bool, device=masks.device)
     if n == 0:
-        return out
+        return torch.zeros(n, h, w, dtype=torch.bool, device=masks.device)
     scale = (m + 2 * padding) / m
     padded = F.pad(masks, (padding,) * 4)
+    boxes = boxes.float()
     half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
     half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
     cx = (boxes[:, 2] + boxes[:, 0]) * 0.5
     cy = (boxes[:, 3] + boxes[:, 1]) * 0.5
     expanded = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1).to(torch.int64)
+    if batched if batched is not None else masks.device.type == "cuda":
+        return _paste_batched(padded, expanded.cpu(), (h, w), threshold)
+    out = torch.zeros(n, h, w, dtype=torch.bool, device=masks.device)
     for i, (bx1, by1, bx2, by2) in enumerate(expanded.tolist()):
         bw, bh = max(bx2 - bx1 + 1, 1), max(by2 - by1 + 1, 1)
         resized = F.interpolate(padded[i][None, None], size=(bh, bw), mode="bilinear",
@@ -119,6 +132,60 @@ def paste_masks_torchvision(masks: torch.Tensor, boxes: torch.Tensor, image_shap
         if x1 <= x0 or y1 <= y0:
             continue
         out[i, y0:y1, x0:x1] = resized[y0 - by1:y1 - by1, x0 - bx1:x1 - bx1] > threshold
+    return out
+
+
+def _axis_samples(first: torch.Tensor, last: torch.Tensor, source: int, length: int):
+    """Where ``F.interpolate(mode="bilinear", align_corners=False)`` samples along one axis when
+    each mask's ``source`` pixels are stretched over image pixels first..last (inclusive, [N]
+    int64 on the CPU; at least one pixel wide): for every image pixel t < ``length``, the two source
+    indices [N, L] int64, their weights [N, L] float32 and whether t is inside the box [N, L]
+    bool.  The arithmetic is the kernel's, step by step in float32: scale = source / size,
+    position = max(scale * (t - first + 0.5) - 0.5, 0), index = int(position), weight =
+    position - index (and 1 - that), the second index clamped to the last source pixel."""
+    t = torch.arange(length, device=first.device)
+    size = (last - first + 1).clamp(min=1)
+    offset = t[None, :] - first[:, None]
+    position = (source / size.to(torch.float32))[:, None] * (offset.to(torch.float32) + 0.5) - 0.5
+    position = position.clamp(min=0)
+    low = position.to(torch.int64)
+    weight_high = position - low.to(torch.float32)
+    high = low + (low < source - 1).to(torch.int64)
+    inside = (offset >= 0) & (t[None, :] <= last[:, None])
+    return low.clamp(max=source - 1), high.clamp(max=source - 1), 1 - weight_high, weight_high, inside
+
+
+def _paste_batched(padded: torch.Tensor, expanded: torch.Tensor, image_shape: tuple[int, int],
+                   threshold: float) -> torch.Tensor:
+    """The per-mask ``interpolate`` paste of :func:`paste_masks_torchvision` for all masks at
+    once: each padded mask [N, S, S] resampled along x into every image column, then along y
+    into every row (the kernel's separable order: rows first, each pair of taps weighted and
+    summed), thresholded, and kept inside its expanded box [N, (x1, y1, x2, y2)] int64 (CPU).
+    The sample positions and weights are worked out on the host, where the boxes are, and sent
+    in three pinned copies, so the masks' device runs about 14 kernels a block of masks, not a
+    few per mask.  Blocks bound the float temporaries to PASTE_BLOCK_ELEMENTS.
+    Returns [N, H, W] bool."""
+    h, w = image_shape
+    n, source = padded.shape[0], padded.shape[-1]
+    device = padded.device
+    out = torch.empty(n, h, w, dtype=torch.bool, device=device)
+    step = max(1, PASTE_BLOCK_ELEMENTS // (h * max(w, source)))
+    for start in range(0, n, step):
+        block, box = padded[start:start + step], expanded[start:start + step]
+        k = block.shape[0]
+        x_low, x_high, x_w0, x_w1, x_in = _axis_samples(box[:, 0], box[:, 2], source, w)
+        y_low, y_high, y_w0, y_w1, y_in = _axis_samples(box[:, 1], box[:, 3], source, h)
+        index = to_device(torch.cat([x_low, x_high, y_low, y_high], dim=1), device)
+        weight = to_device(torch.cat([x_w0, x_w1, y_w0, y_w1], dim=1), device)
+        inside = to_device(torch.cat([x_in, y_in], dim=1), device)
+        x_low, x_high, y_low, y_high = index.split([w, w, h, h], dim=1)
+        x_w0, x_w1, y_w0, y_w1 = weight.split([w, w, h, h], dim=1)
+        x_in, y_in = inside.split([w, h], dim=1)
+        rows = (x_w0[:, None, :] * block.gather(2, x_low[:, None, :].expand(k, source, w))
+                + x_w1[:, None, :] * block.gather(2, x_high[:, None, :].expand(k, source, w)))  # [k, S, W]
+        value = (y_w0[:, :, None] * rows.gather(1, y_low[:, :, None].expand(k, h, w))
+                 + y_w1[:, :, None] * rows.gather(1, y_high[:, :, None].expand(k, h, w)))  # [k, H, W]
+        out[start:start + step] = (value > threshold) & y_in[:, :, None] & x_in[:, None, :]
     return out
 
 
