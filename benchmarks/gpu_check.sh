@@ -25,16 +25,20 @@ if [ "$mode" = quick ]; then
   # waits, utilisation during train); each step is capped and the caps add up to under the
   # device's 600 s per call, so a slow step costs its own rows only
   echo "## GPU training benchmark"
-  timeout 170 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark on,off --reps 3
+  timeout 150 python3 benchmarks/bench_gpu_train.py --cases large --amp fp32,bf16 --cudnn-benchmark on,off --reps 3
   echo "## CUDA tests"
-  timeout 100 python3 -m pytest tests/test_cuda.py tests/test_amp.py -q -p no:cacheprovider 2>&1 | tail -15
+  timeout 90 python3 -m pytest tests/test_cuda.py tests/test_amp.py -q -p no:cacheprovider 2>&1 | tail -15
   echo "## GPU inference benchmark"
-  timeout 80 python3 benchmarks/bench_inference.py --device cuda --cases 2 --reps 5 --stage-reps 1 --no-flops
+  timeout 70 python3 benchmarks/bench_inference.py --device cuda --cases 2 --reps 5 --stage-reps 1 --no-flops
   echo "## Where the GPU waits for the host (synchronising calls, ops)"
-  timeout 70 python3 benchmarks/gpu_syncs.py
+  timeout 60 python3 benchmarks/gpu_syncs.py
   echo "## GPU utilisation during maskrcnn train (800x1066 COCO, batch 4, default workers)"
   timeout 100 python3 benchmarks/gpu_train_utilisation.py --images 32 --steps 150 --batch 4 --skip 15 \
     --extra --set backbone=resnet50
+  echo "## The same with the torchvision preset (the training benchmark's; BatchNorm trained from random weights)"
+  python3 -c "import maskrcnn; maskrcnn.Config.preset('torchvision').save('/tmp/gpu_check_torchvision.yaml')"
+  timeout 100 python3 benchmarks/gpu_train_utilisation.py --images 32 --steps 150 --batch 4 --skip 15 \
+    --extra --config /tmp/gpu_check_torchvision.yaml --set backbone=resnet50
   exit 0
 fi
 # "rest": what quick leaves out, as a second call of its own (the caps add up to under 600 s):
