@@ -179,7 +179,7 @@ def instrument_training(name: str, model, timer: StageTimer) -> None:
         timer.wrap(roi_heads, "maskrcnn_loss", "mask loss")
         return
     timer.wrap(training, "mold_training_batch", "preprocess")
-    timer.wrap(training, "build_rpn_targets", "RPN targets")
+    timer.wrap(training, "build_rpn_targets_batch", "RPN targets")
     timer.wrap(losses_module, "rpn_class_loss", "RPN loss")
     timer.wrap(losses_module, "rpn_bbox_loss", "RPN loss")
     timer.wrap(training, "sample_detection_targets", "ROI targets")

@@ -146,11 +146,11 @@ def test_device_constants_reach_the_gpu_without_waiting_for_it():
 
 def test_pooling_levels_and_rpn_targets_wait_only_where_they_must():
     """Splitting the ROIs by pyramid level reads back one thing (the level sizes; CUDA's bincount
-    read two more); the RPN targets wait only for the sampler's two counts (no bool-mask selection,
-    the chosen order copied through pinned memory)."""
+    read two more); the RPN targets wait only for the sampler's counts (no bool-mask selection,
+    the chosen order copied through pinned memory): two for an image, three for a batch."""
     from maskrcnn.device import host_waits
     from maskrcnn.model.roi_align import boxes_by_level
-    from maskrcnn.model.targets import build_rpn_targets
+    from maskrcnn.model.targets import build_rpn_targets, build_rpn_targets_batch
     levels = torch.randint(0, 4, (1000,), device="cuda")
     boxes_by_level(levels, 4)  # warm-up: first-call allocations
     assert sum(host_waits(lambda: boxes_by_level(levels, 4)).values()) == 1
@@ -161,3 +161,5 @@ def test_pooling_levels_and_rpn_targets_wait_only_where_they_must():
     crowd = torch.tensor([False, True, False]).cuda()
     build_rpn_targets(anchors, gt, crowd)
     assert sum(host_waits(lambda: build_rpn_targets(anchors, gt, crowd)).values()) == 2
+    # a batch: the counts and one nonzero each for the whole batch, not two waits an image
+    assert sum(host_waits(lambda: build_rpn_targets_batch(anchors, [gt] * 3, [crowd] * 3)).values()) == 3

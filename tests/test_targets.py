@@ -344,3 +344,27 @@ def test_targets_wait_for_the_gpu_only_to_sample():
     with _HostWaits() as waits:
         _, labels, _, _ = build_detection_targets(anchors, gt, torch.tensor([1, 2, 3]), masks, crowd, 16, 0.25)
     assert waits.count == 2 and (labels == 1).any()
+
+
+def test_rpn_targets_for_a_batch_equal_one_call_per_image():
+    """build_rpn_targets_batch gives what calling build_rpn_targets image by image gives with the
+    same generator: images with more positives than the quota, no gt, only crowd, an empty box."""
+    from maskrcnn.model.targets import build_rpn_targets_batch
+    g = torch.Generator().manual_seed(5)
+    corners = torch.rand(3000, 2, generator=g) * 200
+    anchors = torch.cat([corners, corners + 6 + torch.rand(3000, 2, generator=g) * 40], dim=1)
+    gts = [torch.tensor([[20.0, 20.0, 60.0, 50.0], [100.0, 80.0, 170.0, 160.0], [0.0, 0.0, 0.0, 0.0]]),
+           torch.zeros(0, 4),
+           torch.tensor([[30.0, 30.0, 90.0, 90.0]]),
+           torch.tensor([[10.0, 120.0, 50.0, 190.0], [120.0, 10.0, 190.0, 40.0]])]
+    crowds = [torch.tensor([False, False, False]), torch.zeros(0, dtype=torch.bool), torch.tensor([True]),
+              torch.tensor([False, True])]
+    kwargs = dict(num_samples=64, positive_ratio=0.5, positive_iou=0.3, negative_iou=0.2, std=STD)
+    labels, deltas = build_rpn_targets_batch(anchors, gts, crowds, generator=torch.Generator().manual_seed(9),
+                                             **kwargs)
+    one_by_one = torch.Generator().manual_seed(9)
+    for i, (gt, crowd) in enumerate(zip(gts, crowds)):
+        expected = build_rpn_targets(anchors, gt, crowd, generator=one_by_one, **kwargs)
+        assert torch.equal(labels[i], expected[0]) and torch.equal(deltas[i], expected[1]), i
+    assert (labels[0] == 1).sum() == 32  # more positives than the quota: a random half of 64
+    assert (labels[1] == 0).sum() == 64 and (labels[2] == 1).sum() == 0 and (labels >= 0).sum() == 4 * 64

@@ -66,13 +66,22 @@ def random_choice(n: int, count: int, generator: torch.Generator | None = None) 
     return torch.tensor(list(chosen), dtype=torch.int64)
 
 
+def _subset_positions(count_available: int, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Which of ``count_available`` candidates :func:`_random_subset` keeps: all, in order, when
+    they fit in ``count``, else :func:`random_choice`.  [k] int64 on the CPU."""
+    count = max(int(count), 0)
+    if count_available <= count:
+        return torch.arange(count_available)
+    return random_choice(count_available, count, generator)
+
+
 def _random_subset(indices: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
     """At most ``count`` of ``indices`` [K] (int64, any device), chosen uniformly at random,
-    in random order (:func:`random_choice`)."""
-    count = max(int(count), 0)
-    if indices.numel() <= count:
+    in random order (:func:`_subset_positions`)."""
+    positions = _subset_positions(indices.numel(), count, generator)
+    if positions.numel() == indices.numel():
         return indices
-    return indices[to_device(random_choice(indices.numel(), count, generator), indices.device)]
+    return indices[to_device(positions, indices.device)]
 
 
 def sample_balanced(positive: torch.Tensor, negative: torch.Tensor, num_samples: int, positive_ratio: float,
@@ -199,32 +208,76 @@ def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: t
               sampled positives, zeros elsewhere.
     With no (non-crowd, non-empty) gt, every sampled anchor is negative.
     """
+    labels, deltas = build_rpn_targets_batch(anchors, [gt_boxes], [gt_crowd], num_samples, positive_ratio,
+                                             positive_iou, negative_iou, std, generator)
+    return labels[0], deltas[0]
+
+
+def _rpn_labels(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: torch.Tensor,
+                positive_iou: float, negative_iou: float):
+    """One image's anchor labels before sampling (the rules of :func:`build_rpn_targets`), with
+    no wait for the GPU: no bool-mask selection of the crowd or usable gt, nor of the labels.
+
+    Returns (labels [A] int64: 1 positive, 0 negative, -1 neither; best gt index [A] int64 into
+    gt_boxes; gt_boxes [G, 4] on the anchors' device and dtype)."""
     device = anchors.device
-    num_anchors = anchors.shape[0]
-    # no bool-mask selection below (of the crowd or usable gt, of the labels): each would make
-    # the host wait for the GPU, with the whole forward pass queued before it
     gt_crowd = to_device(gt_crowd, device).bool()
     gt_boxes = to_device(gt_boxes, device).to(anchors.dtype)
-    labels = torch.full((num_anchors,), -1, dtype=torch.int64, device=device)
-    deltas = torch.zeros(num_anchors, 4, dtype=anchors.dtype, device=device)
+    labels = torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=device)
     if gt_boxes.shape[0] == 0:
-        labels.fill_(0)
+        return labels.fill_(0), torch.zeros_like(labels), gt_boxes
+    # Each gt's best anchor(s), ties included (Matterport), but not at IoU 0: an object no anchor
+    # touches would otherwise make every anchor positive.  Without usable gt every best IoU is
+    # -1: all anchors but those near crowd are negative.
+    best_iou, best_gt, is_best, near_crowd = _match(anchors, gt_boxes, _usable(gt_boxes, gt_crowd), gt_crowd,
+                                                    with_gt_best=True)
+    labels.masked_fill_((best_iou < negative_iou) & ~near_crowd, 0)
+    labels.masked_fill_(is_best | (best_iou >= positive_iou), 1)
+    return labels, best_gt, gt_boxes
+
+
+def build_rpn_targets_batch(anchors: torch.Tensor, gt_boxes: list[torch.Tensor], gt_crowd: list[torch.Tensor],
+                            num_samples: int = 256, positive_ratio: float = 0.5,
+                            positive_iou: float = 0.7, negative_iou: float = 0.3,
+                            std=(1.0, 1.0, 1.0, 1.0),
+                            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`build_rpn_targets` for N images that share ``anchors`` [A, 4]: ``gt_boxes`` and
+    ``gt_crowd`` hold one [G_i, 4] and one [G_i] per image.  The same labels and deltas as N
+    calls of it in turn with the same ``generator`` (each image's positives, then its negatives,
+    drawn in image order), built with three waits for the GPU in all (the per-image positive and
+    negative counts, and one ``nonzero`` each over the batch; two for one image) where N calls
+    wait twice each, and one ``index_fill_`` and one delta computation for the batch.
+
+    Returns labels [N, A] int64 and deltas [N, A, 4].
+    """
+    device, num_anchors = anchors.device, anchors.shape[0]
+    per_image = [_rpn_labels(anchors, g, c, positive_iou, negative_iou) for g, c in zip(gt_boxes, gt_crowd)]
+    labels = torch.stack([image_labels for image_labels, _, _ in per_image])
+    flat = labels.view(-1)
+    positive = torch.nonzero(flat == 1)[:, 0]  # image by image, in anchor order
+    negative = torch.nonzero(flat == 0)[:, 0]
+    if len(per_image) == 1:
+        counts = [[positive.numel()], [negative.numel()]]
     else:
-        # Each gt's best anchor(s), ties included (Matterport), but not at IoU 0: an object no
-        # anchor touches would otherwise make every anchor positive.  Without usable gt every
-        # best IoU is -1: all anchors but those near crowd are negative.
-        best_iou, best_gt, is_best, near_crowd = _match(anchors, gt_boxes, _usable(gt_boxes, gt_crowd),
-                                                        gt_crowd, with_gt_best=True)
-        labels.masked_fill_((best_iou < negative_iou) & ~near_crowd, 0)
-        labels.masked_fill_(is_best | (best_iou >= positive_iou), 1)
+        counts = torch.stack([(labels == 1).sum(dim=1), (labels == 0).sum(dim=1)]).tolist()
+    keep_pos, keep_neg, pos_start, neg_start = [], [], 0, 0
+    for num_pos, num_neg in zip(*counts):
+        chosen = _subset_positions(num_pos, int(num_samples * positive_ratio), generator)
+        keep_pos.append(chosen + pos_start)
+        keep_neg.append(_subset_positions(num_neg, num_samples - chosen.numel(), generator) + neg_start)
+        pos_start, neg_start = pos_start + num_pos, neg_start + num_neg
+    keep_pos = positive[to_device(torch.cat(keep_pos), device)]
+    keep_neg = negative[to_device(torch.cat(keep_neg), device)]
+    flat.fill_(-1).index_fill_(0, keep_pos, 1).index_fill_(0, keep_neg, 0)
 
-    keep_pos, keep_neg = sample_balanced(labels == 1, labels == 0, num_samples, positive_ratio, generator)
-    # index_fill_ passes the number to the kernel: ``labels[keep] = 1`` would copy it from a CPU
-    # tensor in ordinary host memory, a wait for the GPU each (seen on an H200)
-    labels.fill_(-1).index_fill_(0, keep_pos, 1).index_fill_(0, keep_neg, 0)
-
+    deltas = torch.zeros(len(per_image), num_anchors, 4, dtype=anchors.dtype, device=device)
     if keep_pos.numel():
-        deltas[keep_pos] = box_deltas(anchors[keep_pos], gt_boxes[best_gt[keep_pos]], std)
+        # each image's gt follow the previous images' in one [sum G_i, 4]
+        offsets = to_device(torch.tensor([0] + [g.shape[0] for _, _, g in per_image[:-1]]).cumsum(0), device)
+        best_gt = torch.stack([best for _, best, _ in per_image]).view(-1)[keep_pos]
+        image = keep_pos // num_anchors
+        matched = torch.cat([g for _, _, g in per_image])[offsets[image] + best_gt]
+        deltas.view(-1, 4)[keep_pos] = box_deltas(anchors[keep_pos % num_anchors], matched, std)
     return labels, deltas
 
 

@@ -30,7 +30,7 @@ from ..errors import DataError
 from . import losses as L
 from .preprocess import (ImageMeta, as_chw_uint8, as_hwc_uint8, mold_images, mold_resized_images,
                          resize_bilinear_uint8, resize_matterport, torchvision_scale, torchvision_size)
-from .targets import build_rpn_targets, keep_largest, minimize_masks, random_rois, sample_detection_targets
+from .targets import build_rpn_targets_batch, keep_largest, minimize_masks, random_rois, sample_detection_targets
 
 
 def to_pixels(model, boxes: torch.Tensor, image_shape) -> torch.Tensor:
@@ -292,11 +292,9 @@ def rpn_losses(model, stage, gts: list[dict], image_shape) -> dict[str, torch.Te
     ground truth (``gts``, :func:`mold_target`'s dicts) in molded pixels."""
     cfg = model.config
     anchors_px = to_pixels(model, stage.anchors, image_shape)
-    labels, targets = zip(*[
-        build_rpn_targets(anchors_px, g["boxes"], g["crowd"], cfg.rpn_train_anchors_per_image,
-                          cfg.rpn_positive_ratio, cfg.rpn_positive_iou, cfg.rpn_negative_iou,
-                          box_ops.std_xy(cfg.rpn_bbox_std_dev)) for g in gts])
-    labels, targets = torch.stack(labels), torch.stack(targets)
+    labels, targets = build_rpn_targets_batch(
+        anchors_px, [g["boxes"] for g in gts], [g["crowd"] for g in gts], cfg.rpn_train_anchors_per_image,
+        cfg.rpn_positive_ratio, cfg.rpn_positive_iou, cfg.rpn_negative_iou, box_ops.std_xy(cfg.rpn_bbox_std_dev))
     return {"rpn_class_loss": L.rpn_class_loss(stage.rpn_logits, labels, model.rpn.kind),
             "rpn_bbox_loss": L.rpn_bbox_loss(stage.rpn_deltas, targets, labels)}
 
