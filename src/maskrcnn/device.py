@@ -27,10 +27,7 @@ def _hashable(values):
 def _kept(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # made outside inference_mode, so that training can save it for backward after a detect
     with torch.inference_mode(False), torch.no_grad():
-        host = torch.tensor(values, dtype=dtype)
-        if device.type == "cuda":
-            return host.pin_memory().to(device, non_blocking=True)
-        return host.to(device)
+        return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def device_constant(values, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
