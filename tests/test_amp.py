@@ -22,23 +22,41 @@ def conv_and_norm(seed: int = 0):
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_folded_conv_gradients_match_unfolded(dtype):
+    """In training a conv + FrozenBatchNorm2d runs folded whatever the module's ``fold`` choice
+    (which keeps Matterport's conv-then-BN numerics at inference only): same outputs and
+    gradients as the unfolded pair, and under autocast the activation stays in bf16."""
     conv, norm = conv_and_norm()
     x = torch.randn(2, 8, 12, 10, requires_grad=True)
     results = []
-    for fold in (True, False):
+    for variant in ("fold", "module_keeps_unfolded", "reference"):
         conv.zero_grad()
         x.grad = None
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            y = conv_norm(conv, norm, x, relu=True, fold=fold)
+            if variant == "reference":
+                y = torch.relu(norm(conv(x)))
+            else:
+                y = conv_norm(conv, norm, x, relu=True, fold=variant == "fold")
         (y.float() * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
         results.append((y.detach().float(), x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()))
-        if fold:  # the unfolded FrozenBatchNorm2d promotes back to its float32 buffers
-            assert y.dtype == (dtype or torch.float32)
+        # folded: the conv's dtype; the unfolded FrozenBatchNorm2d promotes back to its float32 buffers
+        assert y.dtype == (torch.float32 if variant == "reference" else dtype or torch.float32)
         assert conv.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     tol = 1e-5 if dtype is None else 5e-2
-    for folded, plain in zip(*results):
-        scale = plain.abs().max().clamp(min=1)
-        assert float((folded - plain).abs().max() / scale) < tol
+    for variant in results[:2]:
+        for folded, plain in zip(variant, results[2]):
+            scale = plain.abs().max().clamp(min=1)
+            assert float((folded - plain).abs().max() / scale) < tol
+
+
+def test_a_module_that_keeps_conv_then_bn_does_so_in_eval_mode():
+    """``fold=False`` (the Matterport style's parity with Keras) holds outside training: an
+    eval-mode conv runs conv then the FrozenBatchNorm2d, bit for bit, with or without autograd."""
+    conv, norm = conv_and_norm()
+    conv.eval()
+    x = torch.randn(2, 8, 12, 10)
+    assert torch.equal(conv_norm(conv, norm, x, fold=False), norm(conv(x)))
+    with torch.inference_mode():
+        assert torch.equal(conv_norm(conv, norm, x, fold=False), norm(conv(x)))
 
 
 def test_cpu_pooling_of_a_bf16_map_is_torchvisions_autocast_rule():
