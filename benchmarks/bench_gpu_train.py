@@ -76,14 +76,14 @@ def batch(n: int, h: int, w: int, instances: int, seed: int = 0):
 class RoiCounts:
     """Per iteration of each model: its positive ROIs and its mask head's batch, recorded by
     wrapping torchvision's ``RoIHeads.select_training_samples`` and ``maskrcnn_loss`` and our
-    ``sample_detection_targets`` and ``MaskRCNN.mask_logits``.  Counts stay tensors until read,
+    ``sample_detection_targets_batch`` and ``MaskRCNN.mask_logits``.  Counts stay tensors until read,
     so recording adds no GPU synchronisation to the timed iterations."""
 
     def __init__(self):
         self.model = None
         self.rows = defaultdict(list)  # model name -> [(positive counts, mask batch sizes)] per iteration
         select, mask_loss = roi_heads.RoIHeads.select_training_samples, roi_heads.maskrcnn_loss
-        build, mask_logits = training.sample_detection_targets, maskrcnn.MaskRCNN.mask_logits
+        build, mask_logits = training.sample_detection_targets_batch, maskrcnn.MaskRCNN.mask_logits
 
         def tv_select(head, proposals, targets):
             out = select(head, proposals, targets)
@@ -96,7 +96,7 @@ class RoiCounts:
 
         def our_build(*args, **kwargs):
             out = build(*args, **kwargs)
-            self._add(0, out[4])  # the positives' count, an int
+            self._add(0, *[p for _, p in out.counts])  # the positives' counts, ints
             return out
 
         def our_mask_logits(model, features, boxes, image_shape, class_ids=None):
@@ -105,7 +105,7 @@ class RoiCounts:
 
         roi_heads.RoIHeads.select_training_samples = tv_select
         roi_heads.maskrcnn_loss = tv_mask_loss
-        training.sample_detection_targets = our_build
+        training.sample_detection_targets_batch = our_build
         maskrcnn.MaskRCNN.mask_logits = our_mask_logits
 
     def start(self, model: str) -> None:
@@ -182,7 +182,7 @@ def instrument_training(name: str, model, timer: StageTimer) -> None:
     timer.wrap(training, "build_rpn_targets_batch", "RPN targets")
     timer.wrap(losses_module, "rpn_class_loss", "RPN loss")
     timer.wrap(losses_module, "rpn_bbox_loss", "RPN loss")
-    timer.wrap(training, "sample_detection_targets", "ROI targets")
+    timer.wrap(training, "sample_detection_targets_batch", "ROI targets")
     timer.wrap(losses_module, "mrcnn_class_loss", "box loss")
     timer.wrap(losses_module, "mrcnn_bbox_loss", "box loss")
     timer.wrap(losses_module, "mrcnn_mask_loss", "mask loss")

@@ -55,22 +55,27 @@ def _torchvision_counts(tv, images, targets, monkeypatch) -> dict:
 def _our_counts(ours, images, targets, monkeypatch) -> dict:
     """The same four counts of ours."""
     counts = {k: [] for k in ("proposals", "sampled", "positives")}
-    build = training.sample_detection_targets
+    build = training.sample_detection_targets_batch
     mask_logits = type(ours).mask_logits
 
     def build_hook(proposals, *args, **kwargs):
-        rois, labels, deltas, masks, num_positive = build(proposals, *args, **kwargs)
-        counts["proposals"].append(len(proposals))
-        counts["sampled"].append(len(rois))
-        counts["positives"].append(int((labels > 0).sum()))
-        assert num_positive == counts["positives"][-1] and (labels[:num_positive] > 0).all()
-        return rois, labels, deltas, masks, num_positive
+        out = build(proposals, *args, **kwargs)
+        rows = 0
+        for props, (size, num_positive) in zip(proposals, out.counts):
+            labels = out.labels[rows:rows + size]
+            counts["proposals"].append(len(props))
+            counts["sampled"].append(size)
+            counts["positives"].append(int((labels > 0).sum()))
+            assert num_positive == counts["positives"][-1] and (labels[:num_positive] > 0).all()
+            rows += size
+        assert rows == len(out.rois) and len(out.positive_masks) == sum(p for _, p in out.counts)
+        return out
 
     def mask_logits_hook(self, features, boxes, image_shape):
         counts["mask_rois"] = [len(b) for b in boxes]
         return mask_logits(self, features, boxes, image_shape)
 
-    monkeypatch.setattr(training, "sample_detection_targets", build_hook)
+    monkeypatch.setattr(training, "sample_detection_targets_batch", build_hook)
     monkeypatch.setattr(type(ours), "mask_logits", mask_logits_hook)
     with torch.no_grad():
         ours(images, targets)

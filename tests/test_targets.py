@@ -331,7 +331,8 @@ class _HostWaits(torch.utils._python_dispatch.TorchDispatchMode):
 
 def test_targets_wait_for_the_gpu_only_to_sample():
     """With crowd and empty gt in the image, the targets still select nothing by a bool mask:
-    the host waits twice per stage (the positives' and negatives' counts, for the sampler)."""
+    the host waits twice per stage (the positives' and negatives' counts, for the sampler),
+    for one image or a batch."""
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 60.0, 60.0], [0.0, 0.0, 0.0, 0.0]])
     crowd = torch.tensor([False, True, False])
     corners = torch.rand(300, 2, generator=torch.Generator().manual_seed(0)) * 60
@@ -344,6 +345,12 @@ def test_targets_wait_for_the_gpu_only_to_sample():
     with _HostWaits() as waits:
         _, labels, _, _ = build_detection_targets(anchors, gt, torch.tensor([1, 2, 3]), masks, crowd, 16, 0.25)
     assert waits.count == 2 and (labels == 1).any()
+    # a batch of four: still the two nonzero (and one read of the per-image counts, a tolist)
+    from maskrcnn.model.targets import sample_detection_targets_batch
+    with _HostWaits() as waits:
+        out = sample_detection_targets_batch([anchors] * 4, [gt] * 4, [torch.tensor([1, 2, 3])] * 4, [masks] * 4,
+                                             [crowd] * 4, 16, 0.25)
+    assert waits.count == 2 and len(out.counts) == 4 and all(p > 0 for _, p in out.counts)
 
 
 def test_rpn_targets_for_a_batch_equal_one_call_per_image():
@@ -360,11 +367,90 @@ def test_rpn_targets_for_a_batch_equal_one_call_per_image():
     crowds = [torch.tensor([False, False, False]), torch.zeros(0, dtype=torch.bool), torch.tensor([True]),
               torch.tensor([False, True])]
     kwargs = dict(num_samples=64, positive_ratio=0.5, positive_iou=0.3, negative_iou=0.2, std=STD)
-    labels, deltas = build_rpn_targets_batch(anchors, gts, crowds, generator=torch.Generator().manual_seed(9),
-                                             **kwargs)
+    out = build_rpn_targets_batch(anchors, gts, crowds, generator=torch.Generator().manual_seed(9), **kwargs)
+    labels, deltas = out.labels, out.deltas
+    # the indices the losses read are the bool-mask selections' of the labels, in the same order
+    assert torch.equal(out.positive, torch.nonzero(labels.view(-1) == 1)[:, 0])
+    assert torch.equal(out.sampled, torch.nonzero(labels.view(-1) >= 0)[:, 0])
     one_by_one = torch.Generator().manual_seed(9)
     for i, (gt, crowd) in enumerate(zip(gts, crowds)):
         expected = build_rpn_targets(anchors, gt, crowd, generator=one_by_one, **kwargs)
         assert torch.equal(labels[i], expected[0]) and torch.equal(deltas[i], expected[1]), i
     assert (labels[0] == 1).sum() == 32  # more positives than the quota: a random half of 64
     assert (labels[1] == 0).sum() == 64 and (labels[2] == 1).sum() == 0 and (labels >= 0).sum() == 4 * 64
+
+
+def _reference_detection_targets(proposals, gt, labels, masks, crowd, num_samples, ratio, pos_iou, neg_iou,
+                                 mask_shape, generator, mini):
+    """One image's ROI targets by the rules, written out plainly: candidates = proposals + usable
+    gt, torchvision's box_iou, bool-mask selection, the sampler drawing positives then negatives."""
+    from maskrcnn.boxes import box_deltas
+    from maskrcnn.model.targets import _subset_positions, crop_mask_targets
+    usable = ~crowd & (gt[:, 2] > gt[:, 0]) & (gt[:, 3] > gt[:, 1])
+    candidates = torch.cat([proposals, gt])
+    valid = torch.cat([torch.ones(len(proposals), dtype=torch.bool), usable])
+    if len(gt):
+        iou = box_iou(candidates, gt)
+        near_crowd = ((iou >= 0.001) & crowd).any(dim=1)
+        best_iou, best_gt = iou.masked_fill(~usable, -1).max(dim=1)
+        positive = (best_iou >= pos_iou) & valid
+        negative = (best_iou < neg_iou) & ~near_crowd & ~positive & valid
+    else:
+        positive, negative, best_gt = torch.zeros_like(valid), valid, torch.zeros(len(valid), dtype=torch.long)
+    pos, neg = torch.nonzero(positive)[:, 0], torch.nonzero(negative)[:, 0]
+    pos = pos[_subset_positions(len(pos), int(num_samples * ratio), generator)]
+    neg = neg[_subset_positions(len(neg), num_samples - len(pos), generator)]
+    keep = torch.cat([pos, neg])
+    matched = best_gt[pos]
+    deltas = torch.zeros(len(keep), 4)
+    deltas[:len(pos)] = box_deltas(candidates[pos], gt[matched], STD)
+    roi_labels = torch.zeros(len(keep), dtype=torch.long)
+    roi_labels[:len(pos)] = labels[matched]
+    pos_masks = crop_mask_targets(masks, matched, candidates[pos], mask_shape, gt if mini else None)
+    return candidates[keep], roi_labels, deltas, pos_masks, (len(keep), len(pos))
+
+
+@pytest.mark.parametrize("mini", [False, True])
+@pytest.mark.parametrize("block", [None, 50])
+def test_detection_targets_for_a_batch_follow_the_rules_image_by_image(mini, block, monkeypatch):
+    """sample_detection_targets_batch over four images of different proposal and gt counts (more
+    positives than the quota, no gt, only crowd gt and an empty box, no proposals) gives each
+    image what the rules written out plainly give it, drawing from one generator in image order;
+    also with the IoU matrix cut into blocks of rows."""
+    from maskrcnn.model import targets as T
+    if block is not None:
+        monkeypatch.setattr(T, "IOU_BLOCK_ELEMENTS", block)
+    g = torch.Generator().manual_seed(3)
+
+    def boxes(count, extent=120.0):
+        xy = torch.rand(count, 2, generator=g) * extent
+        return torch.cat([xy, xy + 4 + torch.rand(count, 2, generator=g) * 40], dim=1).floor()
+    gts = [boxes(3), torch.zeros(0, 4), torch.tensor([[20.0, 20.0, 60.0, 70.0], [5.0, 5.0, 5.0, 9.0]]), boxes(5)]
+    crowds = [torch.tensor([False, True, False]), torch.zeros(0, dtype=torch.bool), torch.tensor([True, False]),
+              torch.zeros(5, dtype=torch.bool)]
+    proposals = [torch.cat([gts[0][[0, 2]].repeat(20, 1) + torch.randn(40, 4, generator=g) * 0.5, boxes(60)]),
+                 boxes(30), boxes(45), torch.zeros(0, 4)]
+    labels = [torch.randint(1, 5, (len(b),), generator=g) for b in gts]
+    shape = (14, 14) if mini else (170, 170)
+    masks = [torch.rand(len(b), *shape, generator=g) > 0.4 for b in gts]
+    kwargs = dict(num_samples=24, positive_ratio=0.25, positive_iou=0.5, negative_iou=0.4, mask_shape=(7, 7))
+    out = T.sample_detection_targets_batch(proposals, gts, labels, masks, crowds, std=STD, mini_masks=mini,
+                                           generator=torch.Generator().manual_seed(8), **kwargs)
+    one_by_one = torch.Generator().manual_seed(8)
+    rows = positives = 0
+    for i in range(4):
+        rois, roi_labels, deltas, pos_masks, counts = _reference_detection_targets(
+            proposals[i], gts[i], labels[i], masks[i], crowds[i], 24, 0.25, 0.5, 0.4, (7, 7), one_by_one, mini)
+        assert out.counts[i] == counts, i
+        size, num_pos = counts
+        torch.testing.assert_close(out.rois[rows:rows + size], rois, rtol=0, atol=0)
+        assert torch.equal(out.labels[rows:rows + size], roi_labels), i
+        torch.testing.assert_close(out.deltas[rows:rows + size], deltas, rtol=1e-6, atol=1e-6)
+        assert torch.equal(out.positive_labels[positives:positives + num_pos], roi_labels[:num_pos])
+        assert torch.equal(out.positive_masks[positives:positives + num_pos], pos_masks), i
+        rows, positives = rows + size, positives + num_pos
+    assert rows == len(out.rois) and positives == len(out.positive_masks)
+    assert torch.equal(out.positive_rows, torch.nonzero(out.labels > 0)[:, 0])
+    # image 3 has no proposals: its gt boxes are its candidates, all positive
+    assert out.counts[0] == (24, 6) and out.counts[1] == (24, 0) and out.counts[2][1] == 0 and out.counts[3] == (5, 5)
+

@@ -25,6 +25,7 @@ RNG state saved in its checkpoint.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,35 +68,44 @@ def random_choice(n: int, count: int, generator: torch.Generator | None = None) 
 
 
 def _subset_positions(count_available: int, count: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Which of ``count_available`` candidates :func:`_random_subset` keeps: all, in order, when
-    they fit in ``count``, else :func:`random_choice`.  [k] int64 on the CPU."""
+    """Which of ``count_available`` candidates to keep: all, in order, when they fit in
+    ``count``, else :func:`random_choice`.  [k] int64 on the CPU."""
     count = max(int(count), 0)
     if count_available <= count:
         return torch.arange(count_available)
     return random_choice(count_available, count, generator)
 
 
-def _random_subset(indices: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
-    """At most ``count`` of ``indices`` [K] (int64, any device), chosen uniformly at random,
-    in random order (:func:`_subset_positions`)."""
-    positions = _subset_positions(indices.numel(), count, generator)
-    if positions.numel() == indices.numel():
-        return indices
-    return indices[to_device(positions, indices.device)]
-
-
-def sample_balanced(positive: torch.Tensor, negative: torch.Tensor, num_samples: int, positive_ratio: float,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_sample(positive: torch.Tensor, negative: torch.Tensor, num_samples: int, positive_ratio: float,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
     """The positive/negative sampler of both stages (Matterport's, and torchvision's
-    ``BalancedPositiveNegativeSampler``): at most ``int(num_samples * positive_ratio)`` of the
-    positives, then negatives up to ``num_samples`` in all, each chosen at random.
+    ``BalancedPositiveNegativeSampler``) over a batch: in each image at most
+    ``int(num_samples * positive_ratio)`` of its positives, then negatives up to
+    ``num_samples`` in all, each chosen at random; image by image, its positives drawn before
+    its negatives, so a batch draws what one call per image would.
 
-    positive, negative: [N] bool.  Returns (positive indices [P] int64, negative indices [M]
-    int64), each in random order, P + M <= num_samples.
+    positive, negative: [N, K] bool, each image's candidates.  The host waits for the GPU
+    three times (twice for one image): each image's counts, and one ``nonzero`` of each mask.
+    Returns (positive indices [sum P_i], negative indices [sum M_i], both int64 into the
+    flattened [N * K] candidates, image by image, each image's in random order; per image
+    (P_i, M_i) on the host), P_i + M_i <= num_samples.
     """
-    keep_pos = _random_subset(torch.nonzero(positive)[:, 0], int(num_samples * positive_ratio), generator)
-    keep_neg = _random_subset(torch.nonzero(negative)[:, 0], num_samples - keep_pos.numel(), generator)
-    return keep_pos, keep_neg
+    pos_idx = torch.nonzero(positive.view(-1))[:, 0]  # image by image, in candidate order
+    neg_idx = torch.nonzero(negative.view(-1))[:, 0]
+    if positive.shape[0] == 1:
+        counts = [[pos_idx.numel()], [neg_idx.numel()]]
+    else:
+        counts = torch.stack([positive.sum(dim=1), negative.sum(dim=1)]).tolist()
+    keep_pos, keep_neg, sizes, pos_start, neg_start = [], [], [], 0, 0
+    for num_pos, num_neg in zip(*counts):
+        chosen_pos = _subset_positions(num_pos, int(num_samples * positive_ratio), generator)
+        chosen_neg = _subset_positions(num_neg, num_samples - chosen_pos.numel(), generator)
+        keep_pos.append(chosen_pos + pos_start)
+        keep_neg.append(chosen_neg + neg_start)
+        sizes.append((chosen_pos.numel(), chosen_neg.numel()))
+        pos_start, neg_start = pos_start + num_pos, neg_start + num_neg
+    return (pos_idx[to_device(torch.cat(keep_pos), pos_idx.device)],
+            neg_idx[to_device(torch.cat(keep_neg), neg_idx.device)], sizes)
 
 
 def _usable(gt_boxes: torch.Tensor, gt_crowd: torch.Tensor) -> torch.Tensor:
@@ -114,10 +124,11 @@ IOU_BLOCK_ELEMENTS = 1 << 22
 
 
 def _iou_block(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
-    """IoU [n, G] of boxes [n, 4] with gt_boxes [G, 4]: torchvision's ``box_iou`` arithmetic,
-    the same floats, without its [n, G, 2] temporaries."""
-    bx1, by1, bx2, by2 = boxes[:, None].unbind(-1)
-    gx1, gy1, gx2, gy2 = gt_boxes.unbind(-1)
+    """IoU [..., n, G] of boxes [..., n, 4] with gt_boxes [..., G, 4] (leading dims: a batch of
+    images, each its boxes with its gt): torchvision's ``box_iou`` arithmetic, the same floats,
+    without its [n, G, 2] temporaries."""
+    bx1, by1, bx2, by2 = boxes[..., :, None, :].unbind(-1)
+    gx1, gy1, gx2, gy2 = gt_boxes[..., None, :, :].unbind(-1)
     area1 = (bx2 - bx1) * (by2 - by1)
     area2 = (gx2 - gx1) * (gy2 - gy1)
     inter = (torch.min(bx2, gx2) - torch.max(bx1, gx1)).clamp_(min=0)
@@ -128,12 +139,13 @@ def _iou_block(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
 
 def _masked_block(boxes: torch.Tensor, gt_boxes: torch.Tensor, usable: torch.Tensor,
                   crowd: torch.Tensor | None):
-    """IoU [n, G] of boxes [n, 4] with gt_boxes [G, 4], -1 in the columns of gt that is not
-    ``usable`` [G] bool (so it is nobody's best match), and with ``crowd`` [G] bool the rows
-    overlapping some crowd gt with IoU >= CROWD_IOU ([n] bool, else None)."""
+    """IoU [..., n, G] of boxes [..., n, 4] with gt_boxes [..., G, 4], -1 in the columns of gt
+    that is not ``usable`` [..., G] bool (so it is nobody's best match), and with ``crowd``
+    [..., G] bool the rows overlapping some crowd gt with IoU >= CROWD_IOU ([..., n] bool, else
+    None)."""
     iou = _iou_block(boxes, gt_boxes)
-    near_crowd = ((iou >= CROWD_IOU) & crowd).any(dim=1) if crowd is not None else None
-    return iou.masked_fill_(~usable, -1.0), near_crowd
+    near_crowd = ((iou >= CROWD_IOU) & crowd[..., None, :]).any(dim=-1) if crowd is not None else None
+    return iou.masked_fill_(~usable[..., None, :], -1.0), near_crowd
 
 
 def _has_gt_best(iou: torch.Tensor, gt_best: torch.Tensor) -> torch.Tensor:
@@ -183,6 +195,29 @@ def _match(boxes: torch.Tensor, gt_boxes: torch.Tensor, usable: torch.Tensor,
             torch.cat(near_crowd) if crowd is not None else None)
 
 
+def _match_batch(boxes: torch.Tensor, gt_boxes: torch.Tensor, usable: torch.Tensor, crowd: torch.Tensor):
+    """:func:`_match` (best IoU, best gt, near crowd) of a batch: boxes [N, C, 4] each image's
+    with its gt_boxes [N, G, 4], usable and crowd [N, G] bool (padding rows: not usable, not
+    crowd).  Returns best IoU [N, C] (-1 where no gt is usable), best gt index [N, C] into each
+    image's G, near_crowd [N, C] bool.  The [N, C, G] IoUs are computed in blocks of at most
+    :data:`IOU_BLOCK_ELEMENTS` (whole images when they fit, else rows of one image)."""
+    n, c, g = boxes.shape[0], boxes.shape[1], gt_boxes.shape[1]
+    if n * c * g <= IOU_BLOCK_ELEMENTS:
+        iou, near_crowd = _masked_block(boxes, gt_boxes, usable, crowd)
+        best_iou, best_gt = iou.max(dim=-1)
+        return best_iou, best_gt, near_crowd
+    rows = max(1, IOU_BLOCK_ELEMENTS // g)
+    best_iou, best_gt, near_crowd = [], [], []
+    for i in range(n):
+        for start in range(0, c, rows):
+            iou, near = _masked_block(boxes[i, start:start + rows], gt_boxes[i], usable[i], crowd[i])
+            value, index = iou.max(dim=-1)
+            best_iou.append(value)
+            best_gt.append(index)
+            near_crowd.append(near)
+    return (torch.cat(best_iou).view(n, c), torch.cat(best_gt).view(n, c), torch.cat(near_crowd).view(n, c))
+
+
 def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: torch.Tensor,
                       num_samples: int = 256, positive_ratio: float = 0.5,
                       positive_iou: float = 0.7, negative_iou: float = 0.3,
@@ -208,9 +243,9 @@ def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: t
               sampled positives, zeros elsewhere.
     With no (non-crowd, non-empty) gt, every sampled anchor is negative.
     """
-    labels, deltas = build_rpn_targets_batch(anchors, [gt_boxes], [gt_crowd], num_samples, positive_ratio,
-                                             positive_iou, negative_iou, std, generator)
-    return labels[0], deltas[0]
+    out = build_rpn_targets_batch(anchors, [gt_boxes], [gt_crowd], num_samples, positive_ratio,
+                                  positive_iou, negative_iou, std, generator)
+    return out.labels[0], out.deltas[0]
 
 
 def _rpn_labels(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: torch.Tensor,
@@ -240,7 +275,7 @@ def build_rpn_targets_batch(anchors: torch.Tensor, gt_boxes: list[torch.Tensor],
                             num_samples: int = 256, positive_ratio: float = 0.5,
                             positive_iou: float = 0.7, negative_iou: float = 0.3,
                             std=(1.0, 1.0, 1.0, 1.0),
-                            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            generator: torch.Generator | None = None) -> "RpnTargets":
     """:func:`build_rpn_targets` for N images that share ``anchors`` [A, 4]: ``gt_boxes`` and
     ``gt_crowd`` hold one [G_i, 4] and one [G_i] per image.  The same labels and deltas as N
     calls of it in turn with the same ``generator`` (each image's positives, then its negatives,
@@ -248,26 +283,14 @@ def build_rpn_targets_batch(anchors: torch.Tensor, gt_boxes: list[torch.Tensor],
     negative counts, and one ``nonzero`` each over the batch; two for one image) where N calls
     wait twice each, and one ``index_fill_`` and one delta computation for the batch.
 
-    Returns labels [N, A] int64 and deltas [N, A, 4].
+    Returns :class:`RpnTargets`: labels [N, A] int64, deltas [N, A, 4], and the indices the
+    losses read (so that they need not find them in the labels, a wait each).
     """
     device, num_anchors = anchors.device, anchors.shape[0]
     per_image = [_rpn_labels(anchors, g, c, positive_iou, negative_iou) for g, c in zip(gt_boxes, gt_crowd)]
     labels = torch.stack([image_labels for image_labels, _, _ in per_image])
     flat = labels.view(-1)
-    positive = torch.nonzero(flat == 1)[:, 0]  # image by image, in anchor order
-    negative = torch.nonzero(flat == 0)[:, 0]
-    if len(per_image) == 1:
-        counts = [[positive.numel()], [negative.numel()]]
-    else:
-        counts = torch.stack([(labels == 1).sum(dim=1), (labels == 0).sum(dim=1)]).tolist()
-    keep_pos, keep_neg, pos_start, neg_start = [], [], 0, 0
-    for num_pos, num_neg in zip(*counts):
-        chosen = _subset_positions(num_pos, int(num_samples * positive_ratio), generator)
-        keep_pos.append(chosen + pos_start)
-        keep_neg.append(_subset_positions(num_neg, num_samples - chosen.numel(), generator) + neg_start)
-        pos_start, neg_start = pos_start + num_pos, neg_start + num_neg
-    keep_pos = positive[to_device(torch.cat(keep_pos), device)]
-    keep_neg = negative[to_device(torch.cat(keep_neg), device)]
+    keep_pos, keep_neg, _ = balanced_sample(labels == 1, labels == 0, num_samples, positive_ratio, generator)
     flat.fill_(-1).index_fill_(0, keep_pos, 1).index_fill_(0, keep_neg, 0)
 
     deltas = torch.zeros(len(per_image), num_anchors, 4, dtype=anchors.dtype, device=device)
@@ -278,7 +301,23 @@ def build_rpn_targets_batch(anchors: torch.Tensor, gt_boxes: list[torch.Tensor],
         image = keep_pos // num_anchors
         matched = torch.cat([g for _, _, g in per_image])[offsets[image] + best_gt]
         deltas.view(-1, 4)[keep_pos] = box_deltas(anchors[keep_pos % num_anchors], matched, std)
-    return labels, deltas
+    # in ascending order, as a bool-mask selection of the labels would pick them
+    positive = torch.sort(keep_pos).values
+    return RpnTargets(labels, deltas, positive, torch.sort(torch.cat([keep_pos, keep_neg])).values)
+
+
+class RpnTargets(NamedTuple):
+    """:func:`build_rpn_targets_batch`'s anchor targets of N images of A anchors each.
+
+    labels:   [N, A] int64, 1 positive, 0 negative, -1 ignored.
+    deltas:   [N, A, 4] the positives' regression targets (divided by the std), zeros elsewhere.
+    positive: [P] int64 flat indices (image * A + anchor) of the positives, ascending.
+    sampled:  [S] int64 flat indices of the positives and negatives, ascending.
+    """
+    labels: torch.Tensor
+    deltas: torch.Tensor
+    positive: torch.Tensor
+    sampled: torch.Tensor
 
 
 def build_detection_targets(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
@@ -337,41 +376,128 @@ def sample_detection_targets(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt
               negatives.
       num_positive: int, how many of the first rows are positives: known on the host, so the
               caller picks them by slicing, without waiting for the GPU to count labels > 0.
+    This is :func:`sample_detection_targets_batch` for one image.
     """
-    device = proposals.device
-    dtype = proposals.dtype
-    # every gt box joins the candidates and keeps its row, the unusable ones (crowd, empty)
-    # marked invalid: no bool-mask selection, so the host does not wait for the GPU here
-    gt_crowd = to_device(gt_crowd, device).bool()
-    gt_boxes = to_device(gt_boxes, device).to(dtype)
-    usable = _usable(gt_boxes, gt_crowd)
-    candidates = torch.cat([proposals.detach(), gt_boxes], dim=0)
-    valid = torch.cat([torch.ones(proposals.shape[0], dtype=torch.bool, device=device), usable])
+    out = sample_detection_targets_batch([proposals], [gt_boxes], [gt_labels], [gt_masks], [gt_crowd],
+                                         num_samples, positive_ratio, positive_iou, negative_iou, std,
+                                         mask_shape, generator, mini_masks)
+    num_pos = out.counts[0][1]
+    masks = out.rois.new_zeros(out.rois.shape[0], *mask_shape)
+    masks[:num_pos] = out.positive_masks
+    return out.rois, out.labels, out.deltas, masks, num_pos
 
-    if gt_boxes.shape[0] == 0:
-        positive = torch.zeros(candidates.shape[0], dtype=torch.bool, device=device)
+
+class DetectionTargets(NamedTuple):
+    """The heads' sampled ROIs and targets for a batch (:func:`sample_detection_targets_batch`):
+    image i's R_i rows follow image i-1's, its P_i positives first.
+
+    rois:   [sum R_i, (x1, y1, x2, y2)] molded-image pixels.
+    labels: [sum R_i] int64, the matched gt's class for positives, 0 for negatives.
+    deltas: [sum R_i, (dx, dy, log dw, log dh)], ``box_deltas(roi, gt) / std`` for positives, 0 else.
+    positive_masks:  [sum P_i, *mask_shape] float in {0, 1}, the positives' mask targets in row
+            order (the negatives' would be zeros, and no loss reads them).
+    positive_labels: [sum P_i] int64, the positives' labels in row order.
+    positive_rows: [sum P_i] int64, the positives' rows, ascending.
+    counts: per image (R_i, P_i), on the host.
+    """
+    rois: torch.Tensor
+    labels: torch.Tensor
+    deltas: torch.Tensor
+    positive_masks: torch.Tensor
+    positive_labels: torch.Tensor
+    positive_rows: torch.Tensor
+    counts: list[tuple[int, int]]
+
+
+def _padded(pieces: list[list[torch.Tensor]], length: int, fill: torch.Tensor) -> torch.Tensor:
+    """One tensor [N, length, *rest] of N rows each the concatenation of ``pieces[i]`` (tensors
+    [k, *rest]) padded with rows of ``fill`` [length, *rest] (which it slices): one ``cat`` for
+    the batch, not a copy per piece."""
+    parts = []
+    for row in pieces:
+        parts.extend(row)
+        parts.append(fill[:length - sum(p.shape[0] for p in row)])
+    return torch.cat(parts).view(len(pieces), length, *fill.shape[1:])
+
+
+def sample_detection_targets_batch(proposals: list[torch.Tensor], gt_boxes: list[torch.Tensor],
+                                   gt_labels: list[torch.Tensor], gt_masks: list[torch.Tensor],
+                                   gt_crowd: list[torch.Tensor], num_samples: int, positive_ratio: float,
+                                   positive_iou: float = 0.5, negative_iou: float = 0.5,
+                                   std=(1.0, 1.0, 1.0, 1.0), mask_shape=(28, 28),
+                                   generator: torch.Generator | None = None,
+                                   mini_masks: bool = False) -> DetectionTargets:
+    """:func:`sample_detection_targets` for a batch of N images, each with its own
+    ``proposals`` [P_i, 4] and ground truth (``gt_boxes`` [G_i, 4], ``gt_labels`` [G_i],
+    ``gt_masks`` [G_i, H, W] or mini masks [G_i, h, w], all images' of one shape, ``gt_crowd``
+    [G_i]); other arguments as there.
+
+    The same ROIs and targets as N calls of it in turn with the same ``generator`` (each
+    image's positives, then its negatives, drawn in image order), built with three waits for
+    the GPU in all (the per-image positive and negative counts, and one ``nonzero`` each over
+    the batch; two for one image) where N calls wait twice each, and with one IoU matrix
+    ([N, max C_i, max G_i], C_i = P_i + G_i candidates, padded) and one of each target's
+    kernels for the batch, not one per image.  Returns :class:`DetectionTargets`.
+    """
+    n = len(proposals)
+    device, dtype = proposals[0].device, proposals[0].dtype
+    gt_boxes = [to_device(g, device).to(dtype) for g in gt_boxes]
+    num_gt = [g.shape[0] for g in gt_boxes]
+    num_props = [p.shape[0] for p in proposals]
+    # every gt box joins its image's candidates and keeps its row, the unusable ones (crowd,
+    # empty) marked invalid: no bool-mask selection, so the host does not wait for the GPU here
+    all_gt = torch.cat(gt_boxes)  # [sum G_i, 4], image by image
+    all_crowd = torch.cat([to_device(c, device).bool() for c in gt_crowd])
+    all_usable = _usable(all_gt, all_crowd)
+    gt_start = [sum(num_gt[:i]) for i in range(n)]
+    per_image_gt = [all_gt[a:a + g] for a, g in zip(gt_start, num_gt)]
+    length = max(p + g for p, g in zip(num_props, num_gt))
+    candidates = _padded([[p.detach(), g] for p, g in zip(proposals, per_image_gt)], length,
+                         all_gt.new_zeros(length, 4))
+    true, false = (torch.full((length,), v, dtype=torch.bool, device=device) for v in (True, False))
+    valid = _padded([[true[:p], all_usable[a:a + g]] for p, a, g in zip(num_props, gt_start, num_gt)],
+                    length, false)
+    width = max(num_gt)
+    if width == 0:
+        positive = torch.zeros_like(valid)
         negative = valid
-        best_gt = torch.zeros(candidates.shape[0], dtype=torch.int64, device=device)
+        best_gt = torch.zeros(valid.shape, dtype=torch.int64, device=device)
     else:
-        best_iou, best_gt, _, near_crowd = _match(candidates, gt_boxes, usable, gt_crowd)
+        best_iou, best_gt, near_crowd = _match_batch(
+            candidates, _padded([[g] for g in per_image_gt], width, all_gt.new_zeros(width, 4)),
+            _padded([[all_usable[a:a + g]] for a, g in zip(gt_start, num_gt)], width, false[:1].expand(width)),
+            _padded([[all_crowd[a:a + g]] for a, g in zip(gt_start, num_gt)], width, false[:1].expand(width)))
         positive = (best_iou >= positive_iou) & valid
         negative = (best_iou < negative_iou) & ~near_crowd & ~positive & valid
 
-    keep_pos, keep_neg = sample_balanced(positive, negative, num_samples, positive_ratio, generator)
-    keep = torch.cat([keep_pos, keep_neg])
-    rois = candidates[keep]
-    num_pos = keep_pos.numel()
+    keep_pos, keep_neg, sizes = balanced_sample(positive, negative, num_samples, positive_ratio, generator)
+    # image by image, its positives then its negatives
+    pos_rows, rows, order, pos_start, neg_start = [], 0, [], 0, keep_pos.numel()
+    for num_pos, num_neg in sizes:
+        order += [torch.arange(pos_start, pos_start + num_pos), torch.arange(neg_start, neg_start + num_neg)]
+        pos_rows.append(torch.arange(rows, rows + num_pos))
+        pos_start, neg_start, rows = pos_start + num_pos, neg_start + num_neg, rows + num_pos + num_neg
+    keep = torch.cat([keep_pos, keep_neg])[to_device(torch.cat(order), device)]
+    rois = candidates.view(-1, 4)[keep]
 
-    labels = torch.zeros(keep.numel(), dtype=torch.int64, device=device)
-    deltas = torch.zeros(keep.numel(), 4, dtype=dtype, device=device)
-    masks = torch.zeros(keep.numel(), *mask_shape, dtype=dtype, device=device)
-    if num_pos:
-        matched = best_gt[keep_pos]
-        labels[:num_pos] = to_device(gt_labels, device)[matched]
-        deltas[:num_pos] = box_deltas(rois[:num_pos], gt_boxes[matched], std)
-        masks[:num_pos] = crop_mask_targets(to_device(gt_masks, device), matched, rois[:num_pos], mask_shape,
-                                            gt_boxes if mini_masks else None)
-    return rois, labels, deltas, masks, num_pos
+    labels = torch.zeros(rows, dtype=torch.int64, device=device)
+    deltas = torch.zeros(rows, 4, dtype=dtype, device=device)
+    if keep_pos.numel():
+        pos_rows = to_device(torch.cat(pos_rows), device)
+        pos_rois = candidates.view(-1, 4)[keep_pos]
+        # into the batch's gt: image i's gt start at gt_start[i]
+        starts = to_device(torch.tensor(gt_start), device)
+        matched = (best_gt + starts[:, None]).view(-1)[keep_pos]
+        positive_labels = torch.cat([to_device(lab, device) for lab in gt_labels])[matched]
+        labels.index_put_((pos_rows,), positive_labels)
+        deltas.index_put_((pos_rows,), box_deltas(pos_rois, all_gt[matched], std))
+        all_masks = torch.cat([to_device(m, device) for m in gt_masks])
+        positive_masks = crop_mask_targets(all_masks, matched, pos_rois, mask_shape, all_gt if mini_masks else None)
+    else:
+        positive_labels = pos_rows = labels[:0]
+        positive_masks = torch.zeros(0, *mask_shape, dtype=dtype, device=device)
+    return DetectionTargets(rois, labels, deltas, positive_masks, positive_labels, pos_rows,
+                            [(num_pos + num_neg, num_pos) for num_pos, num_neg in sizes])
 
 
 def crop_mask_targets(gt_masks: torch.Tensor, gt_index: torch.Tensor, rois: torch.Tensor,

@@ -30,7 +30,8 @@ from ..errors import DataError
 from . import losses as L
 from .preprocess import (ImageMeta, as_chw_uint8, as_hwc_uint8, mold_images, mold_resized_images,
                          resize_bilinear_uint8, resize_matterport, torchvision_scale, torchvision_size)
-from .targets import build_rpn_targets_batch, keep_largest, minimize_masks, random_rois, sample_detection_targets
+from .targets import (DetectionTargets, build_rpn_targets_batch, keep_largest, minimize_masks, random_rois,
+                      sample_detection_targets_batch)
 
 
 def to_pixels(model, boxes: torch.Tensor, image_shape) -> torch.Tensor:
@@ -292,11 +293,11 @@ def rpn_losses(model, stage, gts: list[dict], image_shape) -> dict[str, torch.Te
     ground truth (``gts``, :func:`mold_target`'s dicts) in molded pixels."""
     cfg = model.config
     anchors_px = to_pixels(model, stage.anchors, image_shape)
-    labels, targets = build_rpn_targets_batch(
+    targets = build_rpn_targets_batch(
         anchors_px, [g["boxes"] for g in gts], [g["crowd"] for g in gts], cfg.rpn_train_anchors_per_image,
         cfg.rpn_positive_ratio, cfg.rpn_positive_iou, cfg.rpn_negative_iou, box_ops.std_xy(cfg.rpn_bbox_std_dev))
-    return {"rpn_class_loss": L.rpn_class_loss(stage.rpn_logits, labels, model.rpn.kind),
-            "rpn_bbox_loss": L.rpn_bbox_loss(stage.rpn_deltas, targets, labels)}
+    return {"rpn_class_loss": L.rpn_class_loss(stage.rpn_logits, targets.labels, model.rpn.kind, targets.sampled),
+            "rpn_bbox_loss": L.rpn_bbox_loss(stage.rpn_deltas, targets.deltas, targets.labels, targets.positive)}
 
 
 def head_losses(model, features, proposals: list[torch.Tensor], gts: list[dict], image_shape) -> dict[str, torch.Tensor]:
@@ -305,31 +306,38 @@ def head_losses(model, features, proposals: list[torch.Tensor], gts: list[dict],
     the box head on all of them, the mask head on the positive ones (their batch padded with
     :func:`pad_to_bucket`, the padding's logits dropped before the loss)."""
     cfg = model.config
-    rois, labels, deltas, masks, counts = [], [], [], [], []
-    for p, g in zip(proposals, gts):
-        r, lab, d, m, n = sample_detection_targets(
-            p, g["boxes"], g["labels"], g["masks"], g["crowd"],
-            cfg.train_rois_per_image, cfg.roi_positive_ratio, cfg.roi_positive_iou, cfg.roi_negative_iou,
-            box_ops.std_xy(cfg.bbox_std_dev), cfg.mask_shape, mini_masks=g["mini"])
-        rois.append(to_frame(model, r, image_shape))
-        labels.append(lab)
-        deltas.append(d)
-        masks.append(m)
-        counts.append(n)
-    class_logits, box_deltas = model.classify(features, rois, image_shape)
-    labels_all = torch.cat(labels)
-    losses = {"mrcnn_class_loss": L.mrcnn_class_loss(class_logits, labels_all),
-              "mrcnn_bbox_loss": L.mrcnn_bbox_loss(box_deltas, torch.cat(deltas), labels_all)}
+
+    def sample(props, images):
+        return sample_detection_targets_batch(
+            props, [g["boxes"] for g in images], [g["labels"] for g in images], [g["masks"] for g in images],
+            [g["crowd"] for g in images], cfg.train_rois_per_image, cfg.roi_positive_ratio, cfg.roi_positive_iou,
+            cfg.roi_negative_iou, box_ops.std_xy(cfg.bbox_std_dev), cfg.mask_shape, mini_masks=images[0]["mini"])
+    if len({(bool(g["mini"]), tuple(g["masks"].shape[1:])) for g in gts}) == 1:
+        targets = sample(proposals, gts)
+    else:  # a target's own mini masks among full ones (or of another shape): image by image
+        parts = [sample([p], [g]) for p, g in zip(proposals, gts)]
+        rows = [0]
+        for part in parts:
+            rows.append(rows[-1] + len(part.rois))
+        targets = DetectionTargets(*[torch.cat(field) for field in list(zip(*parts))[:5]],
+                                   positive_rows=torch.cat([p.positive_rows + r for p, r in zip(parts, rows)]),
+                                   counts=[c for part in parts for c in part.counts])
+    rois = to_frame(model, targets.rois, image_shape).split([size for size, _ in targets.counts])
+    class_logits, box_deltas = model.classify(features, list(rois), image_shape)
+    losses = {"mrcnn_class_loss": L.mrcnn_class_loss(class_logits, targets.labels),
+              "mrcnn_bbox_loss": L.mrcnn_bbox_loss(box_deltas, targets.deltas, targets.labels,
+                                                   targets.positive_rows)}
 
     # each image's positives are its first ROIs: sliced, not picked by labels > 0 (a GPU wait each)
-    pos_rois = [r[:n] for r, n in zip(rois, counts)]
-    pos_labels = torch.cat([lab[:n] for lab, n in zip(labels, counts)])
-    pos_masks = torch.cat([m[:n] for m, n in zip(masks, counts)])
+    pos_rois = [r[:n] for r, (_, n) in zip(rois, targets.counts)]
+    pos_labels, pos_masks = targets.positive_labels, targets.positive_masks
     if pos_labels.numel():
         bucket = mask_batch_bucket(cfg.mask_batch_bucket, class_logits.device, model.mask_head)
         mask_logits = model.mask_logits(features, pad_to_bucket(pos_rois, bucket), image_shape)
         mask_logits = mask_logits[:pos_labels.numel()]  # the padding's rows: no loss, no gradient
-        losses["mrcnn_mask_loss"] = L.mrcnn_mask_loss(mask_logits, pos_masks, pos_labels)
+        # every row is a positive: no need to find them
+        every = torch.arange(pos_labels.numel(), device=pos_labels.device)
+        losses["mrcnn_mask_loss"] = L.mrcnn_mask_loss(mask_logits, pos_masks, pos_labels, every)
     else:
         losses["mrcnn_mask_loss"] = (class_logits.sum() + sum(p.sum() for p in model.mask_head.parameters())) * 0.0
     return losses
