@@ -185,3 +185,21 @@ def test_a_matterport_training_step_waits_only_for_nms_sampling_and_pooling(tmp_
     batch = next(batches)
     sites = host_waits(lambda: trainer.run_step(*batch))
     assert sum(sites.values()) <= 2 + 3 + 3 + 2 + 1, sites
+
+
+def test_nms_within_groups_on_the_gpu_keeps_the_cpus_boxes_with_one_wait():
+    """batched_nms on CUDA (one NMS of offset boxes up to GPU_OFFSET_NMS_COORDINATES, then
+    torchvision's loop) keeps what it keeps on the CPU; the offset form waits once (the NMS's
+    size), where torchvision's copies a 1 from the host as well."""
+    from maskrcnn.boxes import GPU_OFFSET_NMS_COORDINATES, batched_nms
+    from maskrcnn.device import host_waits
+    for count in (8000, GPU_OFFSET_NMS_COORDINATES // 4 + 1000):
+        g = torch.Generator().manual_seed(count)
+        xy = torch.rand(count, 2, generator=g) * 1000
+        boxes = torch.cat([xy, xy + 2 + torch.rand(count, 2, generator=g) * 100], dim=1)
+        scores, groups = torch.rand(count, generator=g), torch.randint(0, 5, (count,), generator=g)
+        on_gpu = batched_nms(boxes.cuda(), scores.cuda(), groups.cuda(), 0.7)
+        assert torch.equal(on_gpu.cpu(), batched_nms(boxes, scores, groups, 0.7)), count
+    small = [t.cuda() for t in (boxes[:8000], scores[:8000], groups[:8000])]
+    batched_nms(*small, 0.7)
+    assert sum(host_waits(lambda: batched_nms(*small, 0.7)).values()) == 1

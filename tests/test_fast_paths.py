@@ -3,6 +3,7 @@ features, the CPU's embedding_bag ROI pooling and its Winograd 3x3 convolutions,
 batched mask paste."""
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torchvision.ops import roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -316,3 +317,20 @@ def test_batched_mask_paste_equals_the_per_mask_interpolate(monkeypatch, block):
         assert batched.shape == (n, h, w) and torch.equal(batched, loop), trial
         pasted += int(loop.sum())
     assert pasted > 10_000  # the comparison saw masks, not only empty images
+
+
+@pytest.mark.parametrize("count", [300, 3000])  # torchvision's CPU form: one offset NMS, then one NMS a group
+def test_offset_nms_keeps_what_torchvision_batched_nms_keeps(count):
+    """The GPU's NMS within groups (one NMS of group-offset boxes, no host value) keeps the
+    boxes torchvision's batched_nms keeps, in the same order: five groups of crowded boxes, as
+    the per-level proposals are."""
+    from maskrcnn.boxes import offset_nms
+    g = torch.Generator().manual_seed(count)
+    xy = torch.rand(count, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 2 + torch.rand(count, 2, generator=g) * 60], dim=1)
+    scores = torch.rand(count, generator=g)
+    groups = torch.randint(0, 5, (count,), generator=g)
+    ours = offset_nms(boxes, scores, groups, 0.3)
+    assert torch.equal(ours, torchvision.ops.batched_nms(boxes, scores, groups, 0.3))
+    assert 0 < len(ours) < count
+    assert len(offset_nms(boxes[:0], scores[:0], groups[:0], 0.7)) == 0

@@ -102,17 +102,37 @@ def denormalize_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Ten
     return boxes * _frame_scale(boxes, height, width) + shift
 
 
+#: Most coordinates (4 a box) for which :func:`batched_nms` on a GPU runs one NMS of boxes
+#: offset by group; above it, one NMS a group.  torchvision's CUDA threshold since 0.22
+#: (pytorch/vision#8925, benchmarked there); earlier releases switched at 20000, which runs a
+#: training step's per-level proposal NMS (about 8700 boxes an 800x1066 image) as a loop
+#: with two GPU waits a level.
+GPU_OFFSET_NMS_COORDINATES = 100_000
+
+
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
                 iou_threshold: float) -> torch.Tensor:
-    """NMS within each group: ``torchvision.ops.batched_nms``.  While exporting a graph it is
-    torchvision's coordinate-offset form (each group's boxes shifted past the previous group's,
-    one NMS), without its Python branches on the number of boxes, which is unknown then.
+    """NMS within each group: ``torchvision.ops.batched_nms``'s results.  On a GPU (up to
+    :data:`GPU_OFFSET_NMS_COORDINATES`) and while exporting a graph it is torchvision's
+    coordinate-offset form (each group's boxes shifted past the previous group's, one NMS)
+    written without a host value: torchvision's copies a 1 from the host, which makes the host
+    wait for the GPU's queue once more a call, and exporting has no Python branches on the
+    number of boxes.  On a CPU it is torchvision's own choice of form.
 
     boxes: [K, (x1, y1, x2, y2)] with non-negative coordinates; scores [K]; groups [K] int64.
     Returns indices into ``boxes``, by descending score.
     """
-    if not torch.compiler.is_exporting():
+    if not torch.compiler.is_exporting() and (boxes.device.type == "cpu"
+                                              or boxes.numel() > GPU_OFFSET_NMS_COORDINATES):
         return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)
+    return offset_nms(boxes, scores, groups, iou_threshold)
+
+
+def offset_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+               iou_threshold: float) -> torch.Tensor:
+    """:func:`batched_nms` as one NMS: each group's boxes shifted by ``group * (max + 1)`` so
+    that no two groups overlap (torchvision's coordinate trick).  Arguments and result as
+    :func:`batched_nms`."""
     # max over the boxes and 0: never an empty reduction, the same value when there are boxes
     top = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()
     shifted = boxes + (groups.to(boxes) * (top + 1))[:, None]
