@@ -87,10 +87,18 @@ def main(argv=None) -> None:
     ap.add_argument("--amp", default="fp32")
     args = ap.parse_args(argv)
     if not args.device.startswith("cuda"):
-        # count what a GPU run dispatches: torchvision's roi_align, direct convolutions
-        from maskrcnn.model import conv, roi_align
+        # count what a GPU run dispatches: torchvision's roi_align, direct convolutions, NMS
+        # within groups as one NMS of offset boxes (up to the GPU's limit)
+        from maskrcnn import boxes
+        from maskrcnn.model import conv, detection, proposals, roi_align
         roi_align.fast_pooling = lambda feature: False
         conv.applies = lambda x, module: False
+
+        def gpu_batched_nms(b, scores, groups, threshold):
+            if b.numel() > boxes.GPU_OFFSET_NMS_COORDINATES:
+                return boxes.torchvision.ops.batched_nms(b, scores, groups, threshold)
+            return boxes.offset_nms(b, scores, groups, threshold)
+        detection.batched_nms = proposals.batched_nms = gpu_batched_nms
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
