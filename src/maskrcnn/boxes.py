@@ -25,11 +25,13 @@ def std_xy(std_dev) -> tuple:
     return (sx, sy, sw, sh)
 
 
-def centres_and_sizes(boxes: torch.Tensor):
-    """[..., (x1, y1, x2, y2)] -> (centre x, centre y, width, height), each [...]."""
-    width = boxes[..., 2] - boxes[..., 0]
-    height = boxes[..., 3] - boxes[..., 1]
-    return boxes[..., 0] + 0.5 * width, boxes[..., 1] + 0.5 * height, width, height
+def centres_and_sizes(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., (x1, y1, x2, y2)] -> (centre [..., (x, y)], size [..., (width, height)]).  x and y
+    go through each operation together: one kernel where one per coordinate would be two (box
+    math runs a few times a training step and an inference, and on a GPU its kernels are launch
+    time, not arithmetic)."""
+    size = boxes[..., 2:] - boxes[..., :2]
+    return boxes[..., :2] + 0.5 * size, size
 
 
 def apply_box_deltas(boxes: torch.Tensor, deltas: torch.Tensor, std=(1.0, 1.0, 1.0, 1.0),
@@ -45,18 +47,14 @@ def apply_box_deltas(boxes: torch.Tensor, deltas: torch.Tensor, std=(1.0, 1.0, 1
     """
     std = device_constant(std, deltas.device, deltas.dtype)
     deltas = deltas * std
-    cx, cy, width, height = centres_and_sizes(boxes)
-    dw, dh = deltas[..., 2], deltas[..., 3]
+    centre, size = centres_and_sizes(boxes)
+    log_size = deltas[..., 2:]
     if clip_log_size is not None:
-        dw = dw.clamp(max=clip_log_size)
-        dh = dh.clamp(max=clip_log_size)
-    cx = cx + deltas[..., 0] * width
-    cy = cy + deltas[..., 1] * height
-    width = width * torch.exp(dw)
-    height = height * torch.exp(dh)
-    x1 = cx - 0.5 * width
-    y1 = cy - 0.5 * height
-    return torch.stack([x1, y1, x1 + width, y1 + height], dim=-1)
+        log_size = log_size.clamp(max=clip_log_size)
+    centre = centre + deltas[..., :2] * size
+    size = size * torch.exp(log_size)
+    low = centre - 0.5 * size
+    return torch.cat([low, low + size], dim=-1)
 
 
 def box_deltas(boxes: torch.Tensor, targets: torch.Tensor, std=(1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
@@ -65,10 +63,9 @@ def box_deltas(boxes: torch.Tensor, targets: torch.Tensor, std=(1.0, 1.0, 1.0, 1
     boxes, targets: [..., (x1, y1, x2, y2)] in the same frame, positive sizes.
     Returns [..., (dx, dy, log dw, log dh)] divided by ``std`` (sx, sy, sw, sh).
     """
-    cx, cy, width, height = centres_and_sizes(boxes)
-    t_cx, t_cy, t_width, t_height = centres_and_sizes(targets)
-    deltas = torch.stack([(t_cx - cx) / width, (t_cy - cy) / height,
-                          torch.log(t_width / width), torch.log(t_height / height)], dim=-1)
+    centre, size = centres_and_sizes(boxes)
+    target_centre, target_size = centres_and_sizes(targets)
+    deltas = torch.cat([(target_centre - centre) / size, torch.log(target_size / size)], dim=-1)
     return deltas / device_constant(std, deltas.device, deltas.dtype)
 
 
