@@ -250,18 +250,22 @@ def pyramid_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor], o
         levels = matterport_levels(all_boxes, image_shape, min_level, max_level)
     else:
         levels = torchvision_levels(all_boxes, min_level, max_level)
-    c = features[0].shape[1]
-    out = features[0].new_zeros(all_boxes.shape[0], c, output_size, output_size)
+    if mode != "crop_and_resize":  # torchvision's [R, (image index, x1, y1, x2, y2)], made once
+        all_rois = torch.cat([index[:, None].to(all_boxes.dtype), all_boxes], dim=1)
+    rows, pooled = [], []
     for i, (feature, idx) in enumerate(zip(features, boxes_by_level(levels - min_level, len(features)))):
         if guard_or_false(idx.numel() == 0):  # unknown while exporting: pool (maybe nothing)
             continue
         if mode == "crop_and_resize":
-            pooled = crop_and_resize(feature, all_boxes[idx], index[idx], (output_size, output_size))
+            pooled.append(crop_and_resize(feature, all_boxes[idx], index[idx], (output_size, output_size)))
+        elif fast_pooling(feature) and sampling_ratio > 0:
+            pooled.append(roi_align_cpu(feature, all_rois[idx], output_size, 1.0 / strides[i], sampling_ratio))
         else:
-            rois = torch.cat([index[idx, None].to(all_boxes.dtype), all_boxes[idx]], dim=1)
-            if fast_pooling(feature) and sampling_ratio > 0:
-                pooled = roi_align_cpu(feature, rois, output_size, 1.0 / strides[i], sampling_ratio)
-            else:
-                pooled = roi_align(feature, rois, output_size, 1.0 / strides[i], sampling_ratio, aligned=False)
-        out[idx] = pooled.to(out.dtype)
+            pooled.append(roi_align(feature, all_rois[idx], output_size, 1.0 / strides[i], sampling_ratio,
+                                    aligned=False))
+        rows.append(idx)
+    # every box lies on exactly one level: one write of all levels' crops back into box order
+    out = features[0].new_empty(all_boxes.shape[0], features[0].shape[1], output_size, output_size)
+    if pooled:
+        out[torch.cat(rows)] = torch.cat([p.to(out.dtype) for p in pooled])
     return out
