@@ -334,3 +334,38 @@ def test_offset_nms_keeps_what_torchvision_batched_nms_keeps(count):
     assert torch.equal(ours, torchvision.ops.batched_nms(boxes, scores, groups, 0.3))
     assert 0 < len(ours) < count
     assert len(offset_nms(boxes[:0], scores[:0], groups[:0], 0.7)) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_crop_and_resize_of_all_levels_at_once_equals_one_call_per_level(dtype, monkeypatch):
+    """The GPU's Matterport pooling gathers every box from its own level in one pass over a
+    table of all levels' pixels: the crops and the maps' gradients of one gather per level, bit
+    for bit, on a 4-level pyramid of odd sizes with boxes on every level and beyond the image."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [(33, 47), (17, 24), (9, 12), (5, 6)]
+    maps = [torch.randn(2, 8, h, w, generator=g).to(dtype) for h, w in shapes]
+    rois = random_rois(300, g, extent=1.0)
+    index, boxes = rois[:, 0].long(), rois[:, 1:]
+    levels = RA.matterport_levels(boxes, (1024, 1024))
+    assert set(levels.tolist()) == {2, 3, 4, 5}
+    upstream = torch.randn(300, 8, 7, 7, generator=g)
+    results = []
+    for together in (True, False):
+        leaves = [m.clone().requires_grad_() for m in maps]
+        if together:
+            out = RA.crop_and_resize_levels(leaves, boxes, index, levels - 2, (7, 7))
+        else:
+            out = torch.zeros(300, 8, 7, 7)
+            for lvl, leaf in enumerate(leaves):
+                idx = torch.nonzero(levels - 2 == lvl)[:, 0]
+                out[idx] = RA.crop_and_resize(leaf, boxes[idx], index[idx], (7, 7), bags=False).float()
+        out.float().backward(upstream)
+        results.append((out.detach().float(), [leaf.grad for leaf in leaves]))
+    assert torch.equal(results[0][0], results[1][0])
+    for together, apart in zip(results[0][1], results[1][1]):
+        assert torch.equal(together, apart)
+    # and pyramid_roi_align takes that path where it does not pool with embedding_bag (GPU, export)
+    monkeypatch.setattr(RA, "fast_pooling", lambda feature: False)
+    pooled = RA.pyramid_roi_align(maps, [boxes[index == 0], boxes[index == 1]], 7, (1024, 1024), (4, 8, 16, 32))
+    order = torch.cat([torch.nonzero(index == 0)[:, 0], torch.nonzero(index == 1)[:, 0]])
+    assert torch.equal(pooled, results[0][0][order].to(dtype)) and pooled.is_contiguous()

@@ -41,47 +41,100 @@ def crop_and_resize(features: torch.Tensor, boxes: torch.Tensor, box_indices: to
     boxes:       [R, (x1, y1, x2, y2)] normalized: 0 is the first pixel centre, 1 the last.
     box_indices: [R] int64, the image of each box.
     bags:        pool with ``_pool_samples`` (default: :func:`fast_pooling`) or by gathering the
-                 four corners of every sample (the GPU's and the exporter's way).
+                 four corners of every sample (the GPU's and the exporter's way,
+                 :func:`crop_and_resize_levels`).
     Returns [R, C, crop_h, crop_w].
     """
+    if not (fast_pooling(features) if bags is None else bags):
+        return crop_and_resize_levels([features], boxes, box_indices, None, crop_size)
     n, c, h, w = features.shape
+    ch, cw = crop_size
+    if guard_or_false(boxes.shape[0] == 0):
+        return features.new_zeros(0, c, ch, cw)
+    x1, y1, x2, y2 = boxes.unbind(dim=1)
+    in_y = _crop_positions(y1, y2, h - 1, ch)  # [R, ch]
+    in_x = _crop_positions(x1, x2, w - 1, cw)  # [R, cw]
+    return _pool_samples(features, box_indices, _axis_samples(in_y, h, (in_y >= 0) & (in_y <= h - 1)),
+                         _axis_samples(in_x, w, (in_x >= 0) & (in_x <= w - 1)), ch, cw, 1, 1, 1.0)
+
+
+def _crop_positions(lo: torch.Tensor, hi: torch.Tensor, last, count: int) -> torch.Tensor:
+    """TF crop_and_resize's ``count`` sample positions along one axis, in pixels of the map
+    (0 = the first pixel centre): lo, hi [R] normalized, ``last`` the map's last pixel index,
+    a number or [R] (each box's own map).  Returns [R, count]."""
+    column = last[:, None] if torch.is_tensor(last) else last
+    if count > 1:
+        steps = torch.arange(count, device=lo.device, dtype=lo.dtype)
+        return lo[:, None] * column + steps[None, :] * ((hi - lo) * last / (count - 1))[:, None]
+    return (0.5 * (lo + hi) * last)[:, None]
+
+
+def crop_and_resize_levels(features: list[torch.Tensor], boxes: torch.Tensor, box_indices: torch.Tensor,
+                           levels: torch.Tensor | None, crop_size: tuple[int, int]) -> torch.Tensor:
+    """:func:`crop_and_resize` of every box from its own map, all boxes at once, by gathering
+    the four corners of every sample (the GPU's and the exporter's way).
+
+    features:    L maps [N, C, H_l, W_l] (a pyramid's levels).
+    boxes:       [R, (x1, y1, x2, y2)] normalized; box_indices: [R] int64, each box's image.
+    levels:      [R] int64 in [0, L), each box's map (None: one map).
+    Returns [R, C, crop_h, crop_w], in float32 when the maps are bfloat16/float16 and the boxes
+    float32 (the bilinear weights are the boxes' dtype).
+
+    The maps' pixels are read as one [sum_l N * H_l * W_l, C] table and each box's samples are
+    placed by its map's size and first row: the same arithmetic as one call per map, without
+    splitting the boxes by level (on a GPU that split waits for the level sizes, and each
+    map's call is some thirty kernels).
+    """
+    n, c = features[0].shape[:2]
     ch, cw = crop_size
     r = boxes.shape[0]
     if guard_or_false(r == 0):
-        return features.new_zeros(0, c, ch, cw)
+        return features[0].new_zeros(0, c, ch, cw)
+    if levels is None:  # one map: its sizes as numbers
+        h, w = features[0].shape[2], features[0].shape[3]
+        last_y, last_x = h - 1, w - 1
+    else:  # each box's map's height, width and first row of the table, as [R] columns
+        sizes = [(f.shape[2], f.shape[3]) for f in features]
+        per_level = [(hh, ww, n * sum(a * b for a, b in sizes[:i])) for i, (hh, ww) in enumerate(sizes)]
+        h, w, first = device_constant(per_level, boxes.device, torch.int64)[levels].unbind(1)
+        last_y, last_x = ((v - 1).to(boxes.dtype) for v in (h, w))
     x1, y1, x2, y2 = boxes.unbind(dim=1)
+    in_y = _crop_positions(y1, y2, last_y, ch)  # [R, ch]
+    in_x = _crop_positions(x1, x2, last_x, cw)  # [R, cw]
 
-    def sample_positions(lo, hi, size, count):
-        if count > 1:
-            steps = torch.arange(count, device=boxes.device, dtype=boxes.dtype)
-            return lo[:, None] * (size - 1) + steps[None, :] * ((hi - lo) * (size - 1) / (count - 1))[:, None]
-        return (0.5 * (lo + hi) * (size - 1))[:, None]
+    def column(v, dims: int):  # a per-box value shaped to broadcast against [R, ...] (a number as is)
+        return v.view(-1, *([1] * dims)) if torch.is_tensor(v) else v
 
-    in_y = sample_positions(y1, y2, h, ch)  # [R, ch]
-    in_x = sample_positions(x1, x2, w, cw)  # [R, cw]
-    valid_y = (in_y >= 0) & (in_y <= h - 1)
-    valid_x = (in_x >= 0) & (in_x <= w - 1)
-    if fast_pooling(features) if bags is None else bags:
-        return _pool_samples(features, box_indices, _axis_samples(in_y, h, valid_y), _axis_samples(in_x, w, valid_x),
-                             ch, cw, 1, 1, 1.0)
-    top = in_y.floor().clamp(0, h - 1)
-    bottom = in_y.ceil().clamp(0, h - 1)
-    left = in_x.floor().clamp(0, w - 1)
-    right = in_x.ceil().clamp(0, w - 1)
+    def bounded(t, last):  # clamp(t, 0, last)
+        return torch.minimum(t.clamp(min=0), column(last, 1)) if torch.is_tensor(last) else t.clamp(0, last)
+
+    valid_y = (in_y >= 0) & (in_y <= column(last_y, 1))
+    valid_x = (in_x >= 0) & (in_x <= column(last_x, 1))
+    top, bottom = bounded(in_y.floor(), last_y), bounded(in_y.ceil(), last_y)
+    left, right = bounded(in_x.floor(), last_x), bounded(in_x.ceil(), last_x)
     y_lerp = (in_y - in_y.floor())[:, :, None, None]
     x_lerp = (in_x - in_x.floor())[:, None, :, None]
     top, bottom, left, right = (t.long() for t in (top, bottom, left, right))
 
-    # Gathered as rows of [N*H*W, C] with index_select, not as feats[b, rows, cols]: that
+    # Gathered as rows of [pixels, C] with index_select, not as feats[b, rows, cols]: that
     # indexing's backward (index_put_ with accumulate) adds the many gradients of a shared pixel
     # with atomic adds across threads on a CPU, in an order that varies from run to run, while
     # index_select's backward (index_add_) adds them in index order there; faster both ways too.
-    pixels = features.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when channels-last
-    b = box_indices[:, None, None]
+    tables = [f.permute(0, 2, 3, 1).reshape(-1, c) for f in features]  # views when channels-last
+    pixels = tables[0] if len(tables) == 1 else torch.cat(tables)
+    if levels is None:
+        image_row = box_indices[:, None, None] * h  # the box's image's first row of the map
+
+        def pixel(rows, cols):  # [R, ch] rows, [R, cw] columns -> [R, ch, cw] table rows
+            return (image_row + rows[:, :, None]) * w + cols[:, None, :]
+    else:
+        image_start = column(first, 2) + box_indices[:, None, None] * column(h * w, 2)
+
+        def pixel(rows, cols):
+            return image_start + rows[:, :, None] * column(w, 2) + cols[:, None, :]
 
     def gather(rows, cols):  # -> [R, ch, cw, C]
-        index = (b * h + rows[:, :, None]) * w + cols[:, None, :]
-        return pixels.index_select(0, index.reshape(-1)).view(r, ch, cw, c)
+        return pixels.index_select(0, pixel(rows, cols).reshape(-1)).view(r, ch, cw, c)
 
     top_left, top_right = gather(top, left), gather(top, right)
     bottom_left, bottom_right = gather(bottom, left), gather(bottom, right)
@@ -250,6 +303,10 @@ def pyramid_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor], o
         levels = matterport_levels(all_boxes, image_shape, min_level, max_level)
     else:
         levels = torchvision_levels(all_boxes, min_level, max_level)
+    if mode == "crop_and_resize" and not fast_pooling(features[0]):
+        # every level at once: no split of the boxes by level (a GPU wait and a set of kernels a level)
+        return crop_and_resize_levels(features, all_boxes, index, levels - min_level, (output_size, output_size)
+                                      ).to(features[0].dtype, memory_format=torch.contiguous_format)
     if mode != "crop_and_resize":  # torchvision's [R, (image index, x1, y1, x2, y2)], made once
         all_rois = torch.cat([index[:, None].to(all_boxes.dtype), all_boxes], dim=1)
     rows, pooled = [], []
@@ -257,7 +314,7 @@ def pyramid_roi_align(features: list[torch.Tensor], boxes: list[torch.Tensor], o
         if guard_or_false(idx.numel() == 0):  # unknown while exporting: pool (maybe nothing)
             continue
         if mode == "crop_and_resize":
-            pooled.append(crop_and_resize(feature, all_boxes[idx], index[idx], (output_size, output_size)))
+            pooled.append(crop_and_resize(feature, all_boxes[idx], index[idx], (output_size, output_size), True))
         elif fast_pooling(feature) and sampling_ratio > 0:
             pooled.append(roi_align_cpu(feature, all_rois[idx], output_size, 1.0 / strides[i], sampling_ratio))
         else:
