@@ -130,10 +130,12 @@ def _scaled(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> to
 
 class _FrozenFoldedConv(torch.autograd.Function):
     """conv2d with weight ``W * scale`` and bias ``b * scale + shift`` (constants ``scale``,
-    ``shift`` of a FrozenBatchNorm2d) that saves ``W`` rather than the folded copy for backward,
-    so training holds no second copy of each trainable weight; the folded weight is recomputed
-    in backward.  Each of those products is one kernel (on a GPU a training step launches one
-    such set per convolution, so their count bounds the step when the convolutions are quick)."""
+    ``shift`` of a FrozenBatchNorm2d).  In the weight's own dtype it saves ``W`` rather than the
+    folded copy for backward, so fp32 training holds no second copy of each trainable weight,
+    and recomputes the folded weight in backward; under autocast the folded copy (bf16/fp16,
+    half the weight's size) is kept instead, one kernel a convolution fewer.  Each of those
+    products is one kernel (on a GPU a training step launches one such set per convolution, so
+    their count bounds the step when the convolutions are quick)."""
 
     @staticmethod
     def forward(ctx, x, weight, conv_bias, scale, shift, stride, padding, dilation, groups):
@@ -149,15 +151,17 @@ class _FrozenFoldedConv(torch.autograd.Function):
                                                                          device=shift.device))
         ctx.input_dtype = x.dtype
         x = x.to(dtype)
-        ctx.save_for_backward(x, weight, scale)
+        ctx.keeps_folded = dtype != weight.dtype
+        ctx.save_for_backward(x, weight, scale, w if ctx.keeps_folded else None)
         ctx.conv = (stride, padding, dilation, groups, conv_bias is not None)
         return F.conv2d(x, w, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, scale = ctx.saved_tensors
+        x, weight, scale, w = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias = ctx.conv
-        w = _scaled(weight, scale, x.dtype)
+        if not ctx.keeps_folded:
+            w = _scaled(weight, scale, x.dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad.to(x.dtype), x, w, [w.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0],
