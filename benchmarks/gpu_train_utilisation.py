@@ -9,6 +9,7 @@ and prints the utilisation over the run's steady part (after the first ``--skip`
 hold start-up, the first batches and cuDNN's autotuning) with the run's own steps/s.
 
     python benchmarks/gpu_train_utilisation.py --split --device cpu --backbone resnet18 --thin --workers 2
+    python benchmarks/gpu_train_utilisation.py --dispatch --backbone resnet50 --size 512x512
 
 ``--split`` measures where a step's time goes instead, on in-memory items of the same kind
 (``--batch`` x ``--size`` images, 8 ellipses each, the Matterport preset unless ``--preset``):
@@ -17,6 +18,12 @@ before it moved to the DataLoader workers, against the batched remainder the ste
 (normalise, pad, stack, move), next to forward + backward; then the wall time per Trainer step
 with ``--workers`` workers, preparing in the step against in the workers (interleaved runs of
 ``--steps`` steps, the first of each left out), with the GPU's utilisation when there is one.
+
+``--dispatch`` counts, on the CPU, the kernels and GPU waits of one Trainer step as a GPU runs
+it (torchvision's roi_align, direct convolutions, gathered crops, the offset NMS; thin heads
+keep it quick, which changes sizes, not the count) with ``--preset``, ``--backbone``,
+``--batch``, ``--size`` (the images' molded size: ``image_min_dim`` x ``image_max_dim``) and ``--amp``: each one an ATen op, the waits estimated from the op
+names (:class:`harness.DispatchCounter`), with the functions that dispatch most.
 """
 from __future__ import annotations
 
@@ -213,6 +220,52 @@ def split(args) -> None:
               f"(median of {len(walls[in_workers])}){util}")
 
 
+def dispatch(args) -> None:
+    """One Trainer step's kernels and waits in the GPU's form, counted on the CPU (see the
+    module's docstring)."""
+    import torch
+
+    from maskrcnn import Config, MaskRCNN, boxes
+    from maskrcnn.engine.trainer import Trainer, seed_everything
+    from maskrcnn.model import conv, detection, proposals, roi_align
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from harness import DispatchCounter
+
+    roi_align.fast_pooling = lambda feature: False
+    conv.applies = lambda x, module: False
+
+    def gpu_batched_nms(b, scores, groups, threshold):
+        if b.numel() > boxes.GPU_OFFSET_NMS_COORDINATES:
+            return boxes.torchvision.ops.batched_nms(b, scores, groups, threshold)
+        return boxes.offset_nms(b, scores, groups, threshold)
+    detection.batched_nms = proposals.batched_nms = gpu_batched_nms
+
+    height, width = map(int, args.size.split("x"))
+    thin = dict(top_down_pyramid_size=16, rpn_conv_channels=16, fpn_classif_fc_layers_size=32, mask_head_channels=16)
+    config = Config.preset(args.preset, num_classes=4, backbone=args.backbone, images_per_gpu=args.batch,
+                           warmup_steps=0, image_min_dim=min(height, width), image_max_dim=max(height, width), **thin)
+    seed_everything(0)
+    items = EllipseItems(3 * args.batch, height, width, INSTANCES)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(MaskRCNN(config), items, out, config, num_workers=0, progress=False, checkpoint_every=0,
+                          log_every=10 ** 6, amp=args.amp)
+        for group in trainer.optimizer.param_groups:
+            group["foreach"] = True  # a GPU's default
+        batches = trainer.batches(0)
+        for _ in range(2):  # warm: caches, the optimizer's momentum
+            trainer.run_step(*next(batches))
+        batch = next(batches)
+        counter = DispatchCounter()
+        with counter:
+            trainer.run_step(*batch)
+    print(f"{args.preset} preset, {args.backbone}, batch {args.batch} x {args.size}, {args.amp}, "
+          f"{INSTANCES} instances an image: {counter.kernels} kernels ({counter.total} ATen ops), "
+          f"{counter.syncs} waits seen in op names (on a GPU also each sampler's count read and the loss read)")
+    print("waits: " + ", ".join(f"{k} {v}" for k, v in counter.sync_sites.most_common()))
+    print("ops by function: " + ", ".join(f"{k} {v}" for k, v in counter.callers.most_common(12)))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=32)
@@ -224,14 +277,19 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip", type=float, default=20.0, help="seconds of start-up left out")
     ap.add_argument("--split", action="store_true", help="the step's time split and wall time per step instead")
-    ap.add_argument("--preset", default="matterport", help="--split: the config preset")
-    ap.add_argument("--backbone", default="resnet101", help="--split: the backbone (resnet18 on a CPU)")
+    ap.add_argument("--dispatch", action="store_true",
+                    help="count one Trainer step's kernels and waits as a GPU runs it, on the CPU, instead")
+    ap.add_argument("--amp", default="bf16", help="--dispatch: bf16, fp16 or off")
+    ap.add_argument("--preset", default="matterport", help="--split, --dispatch: the config preset")
+    ap.add_argument("--backbone", default="resnet101", help="--split, --dispatch: the backbone (resnet18 for --split on a CPU)")
     ap.add_argument("--thin", action="store_true", help="--split: the demo's narrow FPN, heads and ROI counts")
     ap.add_argument("--reps", type=int, default=5, help="--split: repetitions of each timing")
     ap.add_argument("--rounds", type=int, default=1, help="--split: interleaved Trainer runs of each kind")
     ap.add_argument("--threads", type=int, default=1, help="--split: torch threads of the main process")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `maskrcnn train` arguments")
     args = ap.parse_args(argv)
+    if args.dispatch:
+        return dispatch(args)
     if args.split:
         return split(args)
     scratch = Path(tempfile.mkdtemp(prefix="maskrcnn_util_"))

@@ -261,9 +261,21 @@ class DispatchCounter(TorchDispatchMode):
             return False  # ``x[mask] = number``: a masked_fill_, no read-back
         return bool(masks)
 
+    #: Ops that launch no kernel: views, and allocations without a fill.
+    NO_KERNEL = frozenset({"view", "reshape", "_reshape_alias", "_unsafe_view", "select", "slice", "narrow",
+                           "unsqueeze", "squeeze", "permute", "expand", "expand_as", "view_as", "t", "transpose",
+                           "unbind", "split", "split_with_sizes", "chunk", "unflatten", "flatten", "movedim",
+                           "diagonal", "unfold", "as_strided", "alias", "detach", "lift_fresh", "empty",
+                           "new_empty", "new_empty_strided", "empty_strided", "empty_like"})
+
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+    @property
+    def kernels(self) -> int:
+        """The ops that launch a kernel on a GPU (about one each): all but views and allocations."""
+        return sum(n for name, n in self.ops.items() if name not in self.NO_KERNEL)
 
     @property
     def syncs(self) -> int:
