@@ -45,7 +45,7 @@ from maskrcnn.model import training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (NUM_CLASSES, DispatchCounter, StageTimer, build_ours, build_torchvision,  # noqa: E402
-                     instrument_network, smooth_image)
+                     gpu_form, instrument_network, smooth_image)
 
 CASES = {"small": (2, 512, 512, 3), "large": (8, 800, 1066, 8)}
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -286,14 +286,10 @@ def training_dispatch(cases: list[str], amps: list[str]) -> None:
     """Print the ATen ops one training iteration (forward and backward) dispatches, and how many
     of them make a GPU wait (:class:`harness.DispatchCounter`), for torchvision's model and
     ours, counted on the CPU after one warm-up iteration, with the top callers of ours.  Ours
-    pools ROIs as on a GPU (torchvision's roi_align, not the CPU's embedding_bag), so the counts
-    are those of a GPU iteration.  The large case takes minutes on a laptop's cores."""
-    from maskrcnn.model import roi_align as pooling
-    cpu_pooling, pooling.fast_pooling = pooling.fast_pooling, lambda feature: False
-    try:
+    runs in the GPU's form (:func:`harness.gpu_form`), so the counts are those of a GPU
+    iteration.  The large case takes minutes on a laptop's cores."""
+    with gpu_form():
         _training_dispatch(cases, amps)
-    finally:
-        pooling.fast_pooling = cpu_pooling
 
 
 def _training_dispatch(cases: list[str], amps: list[str]) -> None:

@@ -14,6 +14,7 @@ from the op names (:class:`harness.DispatchCounter`), which cannot see host-to-d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections import Counter
 from pathlib import Path
@@ -24,8 +25,8 @@ from maskrcnn.device import host_waits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu_train import AMP, CASES, batch, build_models, step_fn  # noqa: E402
-from harness import (DispatchCounter, build_ours, build_torchvision, set_score_threshold,  # noqa: E402
-                     smooth_image, threshold_for)
+from harness import (DispatchCounter, build_ours, build_torchvision, gpu_form,  # noqa: E402
+                     set_score_threshold, smooth_image, threshold_for)
 
 
 def counted(fn, device: str) -> tuple[int, Counter]:
@@ -86,19 +87,12 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", default="small,large", help="training cases ('' for none)")
     ap.add_argument("--amp", default="fp32")
     args = ap.parse_args(argv)
-    if not args.device.startswith("cuda"):
-        # count what a GPU run dispatches: torchvision's roi_align, direct convolutions, NMS
-        # within groups as one NMS of offset boxes (up to the GPU's limit)
-        from maskrcnn import boxes
-        from maskrcnn.model import conv, detection, proposals, roi_align
-        roi_align.fast_pooling = lambda feature: False
-        conv.applies = lambda x, module: False
+    on_gpu = args.device.startswith("cuda")
+    with contextlib.nullcontext() if on_gpu else gpu_form():  # on a CPU: count what a GPU dispatches
+        report_all(args)
 
-        def gpu_batched_nms(b, scores, groups, threshold):
-            if b.numel() > boxes.GPU_OFFSET_NMS_COORDINATES:
-                return boxes.torchvision.ops.batched_nms(b, scores, groups, threshold)
-            return boxes.offset_nms(b, scores, groups, threshold)
-        detection.batched_nms = proposals.batched_nms = gpu_batched_nms
+
+def report_all(args) -> None:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

@@ -225,21 +225,11 @@ def dispatch(args) -> None:
     module's docstring)."""
     import torch
 
-    from maskrcnn import Config, MaskRCNN, boxes
+    from maskrcnn import Config, MaskRCNN
     from maskrcnn.engine.trainer import Trainer, seed_everything
-    from maskrcnn.model import conv, detection, proposals, roi_align
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from harness import DispatchCounter
-
-    roi_align.fast_pooling = lambda feature: False
-    conv.applies = lambda x, module: False
-
-    def gpu_batched_nms(b, scores, groups, threshold):
-        if b.numel() > boxes.GPU_OFFSET_NMS_COORDINATES:
-            return boxes.torchvision.ops.batched_nms(b, scores, groups, threshold)
-        return boxes.offset_nms(b, scores, groups, threshold)
-    detection.batched_nms = proposals.batched_nms = gpu_batched_nms
+    from harness import DispatchCounter, gpu_form
 
     height, width = map(int, args.size.split("x"))
     thin = dict(top_down_pyramid_size=16, rpn_conv_channels=16, fpn_classif_fc_layers_size=32, mask_head_channels=16)
@@ -247,7 +237,7 @@ def dispatch(args) -> None:
                            warmup_steps=0, image_min_dim=min(height, width), image_max_dim=max(height, width), **thin)
     seed_everything(0)
     items = EllipseItems(3 * args.batch, height, width, INSTANCES)
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, gpu_form():
         trainer = Trainer(MaskRCNN(config), items, out, config, num_workers=0, progress=False, checkpoint_every=0,
                           log_every=10 ** 6, amp=args.amp)
         for group in trainer.optimizer.param_groups:

@@ -217,6 +217,29 @@ def instrument_network(name: str, model, timer: StageTimer) -> None:
     timer.hook(model.mask_head, "mask head")
 
 
+@contextmanager
+def gpu_form():
+    """Inside the block our model dispatches on a CPU what it dispatches on a GPU: ROI pooling
+    by torchvision's roi_align and gathered crops (not the CPU's embedding_bag), direct
+    convolutions (not Winograd), NMS within groups as one NMS of offset boxes (up to the GPU's
+    limit).  For counting a GPU step's kernels and waits on a CPU (:class:`DispatchCounter`)."""
+    from maskrcnn import boxes
+    from maskrcnn.model import conv, detection, proposals, roi_align
+
+    def gpu_batched_nms(b, scores, groups, threshold):
+        if b.numel() > boxes.GPU_OFFSET_NMS_COORDINATES:
+            return boxes.torchvision.ops.batched_nms(b, scores, groups, threshold)
+        return boxes.offset_nms(b, scores, groups, threshold)
+    saved = (roi_align.fast_pooling, conv.applies, detection.batched_nms, proposals.batched_nms)
+    roi_align.fast_pooling = lambda feature: False
+    conv.applies = lambda x, module: False
+    detection.batched_nms = proposals.batched_nms = gpu_batched_nms
+    try:
+        yield
+    finally:
+        roi_align.fast_pooling, conv.applies, detection.batched_nms, proposals.batched_nms = saved
+
+
 class DispatchCounter(TorchDispatchMode):
     """Counts the ATen ops dispatched while active (on a GPU, each is about one kernel launch),
     those that make a GPU wait for its queue (``SYNCING``: a result's size or value read back
