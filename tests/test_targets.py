@@ -353,9 +353,12 @@ def test_targets_wait_for_the_gpu_only_to_sample():
     assert waits.count == 2 and len(out.counts) == 4 and all(p > 0 for _, p in out.counts)
 
 
-def test_rpn_targets_for_a_batch_equal_one_call_per_image():
+@pytest.mark.parametrize("block", [None, 18_000, 5_000])  # all images in one pass, two at a time, one by one
+def test_rpn_targets_for_a_batch_equal_one_call_per_image(block, monkeypatch):
     """build_rpn_targets_batch gives what calling build_rpn_targets image by image gives with the
-    same generator: images with more positives than the quota, no gt, only crowd, an empty box."""
+    same generator: images with more positives than the quota, no gt, only crowd, an empty box;
+    whether the images' IoUs are computed together, two at a time or one by one."""
+    from maskrcnn.model import targets as T
     from maskrcnn.model.targets import build_rpn_targets_batch
     g = torch.Generator().manual_seed(5)
     corners = torch.rand(3000, 2, generator=g) * 200
@@ -367,7 +370,10 @@ def test_rpn_targets_for_a_batch_equal_one_call_per_image():
     crowds = [torch.tensor([False, False, False]), torch.zeros(0, dtype=torch.bool), torch.tensor([True]),
               torch.tensor([False, True])]
     kwargs = dict(num_samples=64, positive_ratio=0.5, positive_iou=0.3, negative_iou=0.2, std=STD)
+    if block is not None:
+        monkeypatch.setattr(T, "IOU_BLOCK_ELEMENTS", block)
     out = build_rpn_targets_batch(anchors, gts, crowds, generator=torch.Generator().manual_seed(9), **kwargs)
+    monkeypatch.undo()  # the reference: one image at a time, in one block
     labels, deltas = out.labels, out.deltas
     # the indices the losses read are the bool-mask selections' of the labels, in the same order
     assert torch.equal(out.positive, torch.nonzero(labels.view(-1) == 1)[:, 0])

@@ -149,9 +149,9 @@ def _masked_block(boxes: torch.Tensor, gt_boxes: torch.Tensor, usable: torch.Ten
 
 
 def _has_gt_best(iou: torch.Tensor, gt_best: torch.Tensor) -> torch.Tensor:
-    """[n] bool: row i of ``iou`` [n, G] holds some gt's best IoU ``gt_best`` [G] (ties
-    included), when that IoU is > 0."""
-    return ((iou == gt_best) & (gt_best > 0)).any(dim=1)
+    """[..., n] bool: row i of ``iou`` [..., n, G] holds some gt's best IoU ``gt_best``
+    [..., 1, G] (or [G]; ties included), when that IoU is > 0."""
+    return ((iou == gt_best) & (gt_best > 0)).any(dim=-1)
 
 
 def _match(boxes: torch.Tensor, gt_boxes: torch.Tensor, usable: torch.Tensor,
@@ -271,6 +271,42 @@ def _rpn_labels(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: torch.T
     return labels, best_gt, gt_boxes
 
 
+def _rpn_labels_batch(anchors: torch.Tensor, gt_boxes: list[torch.Tensor], gt_crowd: list[torch.Tensor],
+                      positive_iou: float, negative_iou: float):
+    """:func:`_rpn_labels` of N images that share ``anchors`` [A, 4]: the images whose IoU
+    matrices fit :data:`IOU_BLOCK_ELEMENTS` together ([k, A, max G] with each image's gt padded
+    by unusable rows) are labelled in one pass, one set of kernels for the k images; the rest
+    image by image.  The same labels and best gt as one call per image.
+
+    Returns (labels [N, A] int64, best gt index [N, A] int64 into each image's gt, the images'
+    gt boxes on the anchors' device and dtype)."""
+    device, dtype, num_anchors = anchors.device, anchors.dtype, anchors.shape[0]
+    gts = [to_device(g, device).to(dtype) for g in gt_boxes]
+    width = max((g.shape[0] for g in gts), default=0)
+    together = IOU_BLOCK_ELEMENTS // (num_anchors * width) if width else 0
+    if len(gts) == 1 or together < 2:
+        per_image = [_rpn_labels(anchors, g, c, positive_iou, negative_iou) for g, c in zip(gts, gt_crowd)]
+        return (torch.stack([lab for lab, _, _ in per_image]), torch.stack([best for _, best, _ in per_image]),
+                [g for _, _, g in per_image])
+    crowds = [to_device(c, device).bool() for c in gt_crowd]
+    usable = _usable(torch.cat(gts), torch.cat(crowds)).split([g.shape[0] for g in gts])
+    pad_box, pad_flag = gts[0].new_zeros(width, 4), torch.zeros(width, dtype=torch.bool, device=device)
+    labels, best = [], []
+    for start in range(0, len(gts), together):
+        part = slice(start, start + together)
+        iou, near_crowd = _masked_block(anchors, _padded([[g] for g in gts[part]], width, pad_box),
+                                        _padded([[u] for u in usable[part]], width, pad_flag),
+                                        _padded([[c] for c in crowds[part]], width, pad_flag))
+        best_iou, best_gt = iou.max(dim=-1)
+        is_best = _has_gt_best(iou, iou.amax(dim=-2, keepdim=True))
+        part_labels = torch.full(best_iou.shape, -1, dtype=torch.int64, device=device)
+        part_labels.masked_fill_((best_iou < negative_iou) & ~near_crowd, 0)
+        part_labels.masked_fill_(is_best | (best_iou >= positive_iou), 1)
+        labels.append(part_labels)
+        best.append(best_gt)
+    return torch.cat(labels), torch.cat(best), gts
+
+
 def build_rpn_targets_batch(anchors: torch.Tensor, gt_boxes: list[torch.Tensor], gt_crowd: list[torch.Tensor],
                             num_samples: int = 256, positive_ratio: float = 0.5,
                             positive_iou: float = 0.7, negative_iou: float = 0.3,
@@ -287,19 +323,17 @@ def build_rpn_targets_batch(anchors: torch.Tensor, gt_boxes: list[torch.Tensor],
     losses read (so that they need not find them in the labels, a wait each).
     """
     device, num_anchors = anchors.device, anchors.shape[0]
-    per_image = [_rpn_labels(anchors, g, c, positive_iou, negative_iou) for g, c in zip(gt_boxes, gt_crowd)]
-    labels = torch.stack([image_labels for image_labels, _, _ in per_image])
+    labels, best_gt, gts = _rpn_labels_batch(anchors, gt_boxes, gt_crowd, positive_iou, negative_iou)
     flat = labels.view(-1)
     keep_pos, keep_neg, _ = balanced_sample(labels == 1, labels == 0, num_samples, positive_ratio, generator)
     flat.fill_(-1).index_fill_(0, keep_pos, 1).index_fill_(0, keep_neg, 0)
 
-    deltas = torch.zeros(len(per_image), num_anchors, 4, dtype=anchors.dtype, device=device)
+    deltas = torch.zeros(len(gts), num_anchors, 4, dtype=anchors.dtype, device=device)
     if keep_pos.numel():
         # each image's gt follow the previous images' in one [sum G_i, 4]
-        offsets = to_device(torch.tensor([0] + [g.shape[0] for _, _, g in per_image[:-1]]).cumsum(0), device)
-        best_gt = torch.stack([best for _, best, _ in per_image]).view(-1)[keep_pos]
+        offsets = to_device(torch.tensor([0] + [g.shape[0] for g in gts[:-1]]).cumsum(0), device)
         image = keep_pos // num_anchors
-        matched = torch.cat([g for _, _, g in per_image])[offsets[image] + best_gt]
+        matched = torch.cat(gts)[offsets[image] + best_gt.view(-1)[keep_pos]]
         deltas.view(-1, 4)[keep_pos] = box_deltas(anchors[keep_pos % num_anchors], matched, std)
     # in ascending order, as a bool-mask selection of the labels would pick them
     positive = torch.sort(keep_pos).values
