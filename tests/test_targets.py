@@ -459,4 +459,13 @@ def test_detection_targets_for_a_batch_follow_the_rules_image_by_image(mini, blo
     assert torch.equal(out.positive_rows, torch.nonzero(out.labels > 0)[:, 0])
     # image 3 has no proposals: its gt boxes are its candidates, all positive
     assert out.counts[0] == (24, 6) and out.counts[1] == (24, 0) and out.counts[2][1] == 0 and out.counts[3] == (5, 5)
+    # the batch's targets are those of its images, one call each, put together (how a batch whose
+    # images bring masks of different shapes is built)
+    one_by_one = torch.Generator().manual_seed(8)
+    parts = T.DetectionTargets.cat([
+        T.sample_detection_targets_batch([proposals[i]], [gts[i]], [labels[i]], [masks[i]], [crowds[i]], std=STD,
+                                         mini_masks=mini, generator=one_by_one, **kwargs) for i in range(4)])
+    assert parts.counts == out.counts
+    for together, apart in zip(out[:6], parts[:6]):
+        torch.testing.assert_close(together, apart, rtol=0, atol=0)
 

@@ -122,19 +122,13 @@ def crop_and_resize_levels(features: list[torch.Tensor], boxes: torch.Tensor, bo
     # index_select's backward (index_add_) adds them in index order there; faster both ways too.
     tables = [f.permute(0, 2, 3, 1).reshape(-1, c) for f in features]  # views when channels-last
     pixels = tables[0] if len(tables) == 1 else torch.cat(tables)
-    if levels is None:
-        image_row = box_indices[:, None, None] * h  # the box's image's first row of the map
+    image_start = box_indices[:, None, None] * column(h * w, 2)  # the box's image's first table row
+    if levels is not None:
+        image_start = image_start + column(first, 2)
 
-        def pixel(rows, cols):  # [R, ch] rows, [R, cw] columns -> [R, ch, cw] table rows
-            return (image_row + rows[:, :, None]) * w + cols[:, None, :]
-    else:
-        image_start = column(first, 2) + box_indices[:, None, None] * column(h * w, 2)
-
-        def pixel(rows, cols):
-            return image_start + rows[:, :, None] * column(w, 2) + cols[:, None, :]
-
-    def gather(rows, cols):  # -> [R, ch, cw, C]
-        return pixels.index_select(0, pixel(rows, cols).reshape(-1)).view(r, ch, cw, c)
+    def gather(rows, cols):  # [R, ch] rows, [R, cw] columns -> [R, ch, cw, C]
+        index = image_start + rows[:, :, None] * column(w, 2) + cols[:, None, :]
+        return pixels.index_select(0, index.reshape(-1)).view(r, ch, cw, c)
 
     top_left, top_right = gather(top, left), gather(top, right)
     bottom_left, bottom_right = gather(bottom, left), gather(bottom, right)

@@ -199,23 +199,15 @@ def _match_batch(boxes: torch.Tensor, gt_boxes: torch.Tensor, usable: torch.Tens
     """:func:`_match` (best IoU, best gt, near crowd) of a batch: boxes [N, C, 4] each image's
     with its gt_boxes [N, G, 4], usable and crowd [N, G] bool (padding rows: not usable, not
     crowd).  Returns best IoU [N, C] (-1 where no gt is usable), best gt index [N, C] into each
-    image's G, near_crowd [N, C] bool.  The [N, C, G] IoUs are computed in blocks of at most
-    :data:`IOU_BLOCK_ELEMENTS` (whole images when they fit, else rows of one image)."""
+    image's G, near_crowd [N, C] bool.  The [N, C, G] IoUs are computed at once when they fit
+    :data:`IOU_BLOCK_ELEMENTS`, else image by image (:func:`_match`, in blocks of rows)."""
     n, c, g = boxes.shape[0], boxes.shape[1], gt_boxes.shape[1]
     if n * c * g <= IOU_BLOCK_ELEMENTS:
         iou, near_crowd = _masked_block(boxes, gt_boxes, usable, crowd)
         best_iou, best_gt = iou.max(dim=-1)
         return best_iou, best_gt, near_crowd
-    rows = max(1, IOU_BLOCK_ELEMENTS // g)
-    best_iou, best_gt, near_crowd = [], [], []
-    for i in range(n):
-        for start in range(0, c, rows):
-            iou, near = _masked_block(boxes[i, start:start + rows], gt_boxes[i], usable[i], crowd[i])
-            value, index = iou.max(dim=-1)
-            best_iou.append(value)
-            best_gt.append(index)
-            near_crowd.append(near)
-    return (torch.cat(best_iou).view(n, c), torch.cat(best_gt).view(n, c), torch.cat(near_crowd).view(n, c))
+    per_image = [_match(boxes[i], gt_boxes[i], usable[i], crowd[i]) for i in range(n)]
+    return tuple(torch.stack([image[k] for image in per_image]) for k in (0, 1, 3))
 
 
 def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: torch.Tensor,
@@ -248,6 +240,16 @@ def build_rpn_targets(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: t
     return out.labels[0], out.deltas[0]
 
 
+def _anchor_labels(best_iou: torch.Tensor, is_best: torch.Tensor, near_crowd: torch.Tensor,
+                   positive_iou: float, negative_iou: float) -> torch.Tensor:
+    """The rules of :func:`build_rpn_targets` on matched anchors ([..., A] each): 1 where the
+    anchor is some gt's best or reaches ``positive_iou``, else 0 below ``negative_iou`` away
+    from crowd, else -1.  [..., A] int64."""
+    labels = torch.full(best_iou.shape, -1, dtype=torch.int64, device=best_iou.device)
+    labels.masked_fill_((best_iou < negative_iou) & ~near_crowd, 0)
+    return labels.masked_fill_(is_best | (best_iou >= positive_iou), 1)
+
+
 def _rpn_labels(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: torch.Tensor,
                 positive_iou: float, negative_iou: float):
     """One image's anchor labels before sampling (the rules of :func:`build_rpn_targets`), with
@@ -258,17 +260,29 @@ def _rpn_labels(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_crowd: torch.T
     device = anchors.device
     gt_crowd = to_device(gt_crowd, device).bool()
     gt_boxes = to_device(gt_boxes, device).to(anchors.dtype)
-    labels = torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=device)
     if gt_boxes.shape[0] == 0:
-        return labels.fill_(0), torch.zeros_like(labels), gt_boxes
+        labels = torch.zeros(anchors.shape[0], dtype=torch.int64, device=device)
+        return labels, torch.zeros_like(labels), gt_boxes
     # Each gt's best anchor(s), ties included (Matterport), but not at IoU 0: an object no anchor
     # touches would otherwise make every anchor positive.  Without usable gt every best IoU is
     # -1: all anchors but those near crowd are negative.
     best_iou, best_gt, is_best, near_crowd = _match(anchors, gt_boxes, _usable(gt_boxes, gt_crowd), gt_crowd,
                                                     with_gt_best=True)
-    labels.masked_fill_((best_iou < negative_iou) & ~near_crowd, 0)
-    labels.masked_fill_(is_best | (best_iou >= positive_iou), 1)
-    return labels, best_gt, gt_boxes
+    return _anchor_labels(best_iou, is_best, near_crowd, positive_iou, negative_iou), best_gt, gt_boxes
+
+
+def _padded_gt(all_gt: torch.Tensor, all_crowd: torch.Tensor, counts: list[int]):
+    """A batch's ground truth, ``all_gt`` [sum G_i, 4] and ``all_crowd`` [sum G_i] bool image by
+    image (``counts``: the G_i), padded to G = max G_i with rows that are neither usable nor
+    crowd.  Returns (usable [sum G_i] bool (:func:`_usable`), boxes [N, G, 4], usable [N, G],
+    crowd [N, G])."""
+    width = max(counts)
+    usable = _usable(all_gt, all_crowd)
+    neither = torch.zeros(width, dtype=torch.bool, device=all_gt.device)
+
+    def pad(t: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        return _padded([[part] for part in t.split(counts)], width, fill)
+    return usable, pad(all_gt, all_gt.new_zeros(width, 4)), pad(usable, neither), pad(all_crowd, neither)
 
 
 def _rpn_labels_batch(anchors: torch.Tensor, gt_boxes: list[torch.Tensor], gt_crowd: list[torch.Tensor],
@@ -288,21 +302,15 @@ def _rpn_labels_batch(anchors: torch.Tensor, gt_boxes: list[torch.Tensor], gt_cr
         per_image = [_rpn_labels(anchors, g, c, positive_iou, negative_iou) for g, c in zip(gts, gt_crowd)]
         return (torch.stack([lab for lab, _, _ in per_image]), torch.stack([best for _, best, _ in per_image]),
                 [g for _, _, g in per_image])
-    crowds = [to_device(c, device).bool() for c in gt_crowd]
-    usable = _usable(torch.cat(gts), torch.cat(crowds)).split([g.shape[0] for g in gts])
-    pad_box, pad_flag = gts[0].new_zeros(width, 4), torch.zeros(width, dtype=torch.bool, device=device)
+    _, boxes, usable, crowd = _padded_gt(torch.cat(gts), torch.cat([to_device(c, device).bool() for c in gt_crowd]),
+                                         [g.shape[0] for g in gts])
     labels, best = [], []
     for start in range(0, len(gts), together):
         part = slice(start, start + together)
-        iou, near_crowd = _masked_block(anchors, _padded([[g] for g in gts[part]], width, pad_box),
-                                        _padded([[u] for u in usable[part]], width, pad_flag),
-                                        _padded([[c] for c in crowds[part]], width, pad_flag))
+        iou, near_crowd = _masked_block(anchors, boxes[part], usable[part], crowd[part])
         best_iou, best_gt = iou.max(dim=-1)
         is_best = _has_gt_best(iou, iou.amax(dim=-2, keepdim=True))
-        part_labels = torch.full(best_iou.shape, -1, dtype=torch.int64, device=device)
-        part_labels.masked_fill_((best_iou < negative_iou) & ~near_crowd, 0)
-        part_labels.masked_fill_(is_best | (best_iou >= positive_iou), 1)
-        labels.append(part_labels)
+        labels.append(_anchor_labels(best_iou, is_best, near_crowd, positive_iou, negative_iou))
         best.append(best_gt)
     return torch.cat(labels), torch.cat(best), gts
 
@@ -442,6 +450,17 @@ class DetectionTargets(NamedTuple):
     positive_rows: torch.Tensor
     counts: list[tuple[int, int]]
 
+    @classmethod
+    def cat(cls, parts: list["DetectionTargets"]) -> "DetectionTargets":
+        """The targets of consecutive groups of images as one batch's (rows and counts in
+        order, each group's positive rows moved past the rows before it)."""
+        starts = [0]
+        for part in parts[:-1]:
+            starts.append(starts[-1] + len(part.rois))
+        return cls(*[torch.cat(field) for field in list(zip(*parts))[:5]],
+                   positive_rows=torch.cat([part.positive_rows + start for part, start in zip(parts, starts)]),
+                   counts=[count for part in parts for count in part.counts])
+
 
 def _padded(pieces: list[list[torch.Tensor]], length: int, fill: torch.Tensor) -> torch.Tensor:
     """One tensor [N, length, *rest] of N rows each the concatenation of ``pieces[i]`` (tensors
@@ -482,25 +501,19 @@ def sample_detection_targets_batch(proposals: list[torch.Tensor], gt_boxes: list
     # empty) marked invalid: no bool-mask selection, so the host does not wait for the GPU here
     all_gt = torch.cat(gt_boxes)  # [sum G_i, 4], image by image
     all_crowd = torch.cat([to_device(c, device).bool() for c in gt_crowd])
-    all_usable = _usable(all_gt, all_crowd)
     gt_start = [sum(num_gt[:i]) for i in range(n)]
-    per_image_gt = [all_gt[a:a + g] for a, g in zip(gt_start, num_gt)]
+    all_usable, gt_padded, usable_padded, crowd_padded = _padded_gt(all_gt, all_crowd, num_gt)
     length = max(p + g for p, g in zip(num_props, num_gt))
-    candidates = _padded([[p.detach(), g] for p, g in zip(proposals, per_image_gt)], length,
+    candidates = _padded([[p.detach(), g] for p, g in zip(proposals, all_gt.split(num_gt))], length,
                          all_gt.new_zeros(length, 4))
     true, false = (torch.full((length,), v, dtype=torch.bool, device=device) for v in (True, False))
-    valid = _padded([[true[:p], all_usable[a:a + g]] for p, a, g in zip(num_props, gt_start, num_gt)],
-                    length, false)
-    width = max(num_gt)
-    if width == 0:
+    valid = _padded([[true[:p], u] for p, u in zip(num_props, all_usable.split(num_gt))], length, false)
+    if max(num_gt) == 0:
         positive = torch.zeros_like(valid)
         negative = valid
         best_gt = torch.zeros(valid.shape, dtype=torch.int64, device=device)
     else:
-        best_iou, best_gt, near_crowd = _match_batch(
-            candidates, _padded([[g] for g in per_image_gt], width, all_gt.new_zeros(width, 4)),
-            _padded([[all_usable[a:a + g]] for a, g in zip(gt_start, num_gt)], width, false[:1].expand(width)),
-            _padded([[all_crowd[a:a + g]] for a, g in zip(gt_start, num_gt)], width, false[:1].expand(width)))
+        best_iou, best_gt, near_crowd = _match_batch(candidates, gt_padded, usable_padded, crowd_padded)
         positive = (best_iou >= positive_iou) & valid
         negative = (best_iou < negative_iou) & ~near_crowd & ~positive & valid
 

@@ -315,13 +315,7 @@ def head_losses(model, features, proposals: list[torch.Tensor], gts: list[dict],
     if len({(bool(g["mini"]), tuple(g["masks"].shape[1:])) for g in gts}) == 1:
         targets = sample(proposals, gts)
     else:  # a target's own mini masks among full ones (or of another shape): image by image
-        parts = [sample([p], [g]) for p, g in zip(proposals, gts)]
-        rows = [0]
-        for part in parts:
-            rows.append(rows[-1] + len(part.rois))
-        targets = DetectionTargets(*[torch.cat(field) for field in list(zip(*parts))[:5]],
-                                   positive_rows=torch.cat([p.positive_rows + r for p, r in zip(parts, rows)]),
-                                   counts=[c for part in parts for c in part.counts])
+        targets = DetectionTargets.cat([sample([p], [g]) for p, g in zip(proposals, gts)])
     rois = to_frame(model, targets.rois, image_shape).split([size for size, _ in targets.counts])
     class_logits, box_deltas = model.classify(features, list(rois), image_shape)
     losses = {"mrcnn_class_loss": L.mrcnn_class_loss(class_logits, targets.labels),
