@@ -68,7 +68,8 @@ class ValidationLoss(HookBase):
     def run(self) -> dict:
         from ..data.dataset import collate
         from .distributed import unwrap
-        from .trainer import to_device
+        from ..device import to_device
+        from .trainer import targets_to_device
 
         model = unwrap(self.trainer.wrapped)
         norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
@@ -81,7 +82,7 @@ class ValidationLoss(HookBase):
                     items = [self.dataset[(b * self.batch_size + j) % len(self.dataset)] for j in range(self.batch_size)]
                     images, targets = collate(items)
                     device = self.trainer.info.device
-                    losses = model([im.to(device) for im in images], to_device(targets, device))
+                    losses = model([to_device(im, device) for im in images], targets_to_device(targets, device))
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
         finally:

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import LAYER_REGIMES
 from ..data.dataset import collate
+from ..device import to_device
 from ..errors import MaskRCNNError
 from ..utils import atomic_write_bytes, usable_cores
 from . import checkpoint as ckpt
@@ -130,10 +131,11 @@ def item_preparer(model: torch.nn.Module) -> Callable | None:
     return partial(prepare_training_item, config=model.config) if isinstance(model, MaskRCNN) else None
 
 
-def to_device(targets: list[dict], device: torch.device) -> list[dict]:
-    """Move the tensors of each target dict to ``device`` (other values unchanged)."""
-    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-            for t in targets]
+def targets_to_device(targets: list[dict], device: torch.device) -> list[dict]:
+    """Move the tensors of each target dict to ``device`` (other values unchanged), through
+    pinned memory without a GPU wait (:func:`maskrcnn.device.to_device`; the DataLoader's
+    tensors are pinned already)."""
+    return [{k: to_device(v, device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
 
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
@@ -404,8 +406,8 @@ class Trainer:
     def run_step(self, images: list, targets: list) -> dict[str, float]:
         """One optimizer step on one batch; returns the float losses and their sum "loss"."""
         device = self.info.device
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = to_device(targets, device)
+        images = [to_device(im, device) for im in images]
+        targets = targets_to_device(targets, device)
         amp = (torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                else nullcontext())
         with amp:
