@@ -224,20 +224,16 @@ def gpu_form():
     convolutions (not Winograd), NMS within groups as one NMS of offset boxes (up to the GPU's
     limit).  For counting a GPU step's kernels and waits on a CPU (:class:`DispatchCounter`)."""
     from maskrcnn import boxes
-    from maskrcnn.model import conv, detection, proposals, roi_align
+    from maskrcnn.model import conv, roi_align
 
-    def gpu_batched_nms(b, scores, groups, threshold):
-        if b.numel() > boxes.GPU_OFFSET_NMS_COORDINATES:
-            return boxes.torchvision.ops.batched_nms(b, scores, groups, threshold)
-        return boxes.offset_nms(b, scores, groups, threshold)
-    saved = (roi_align.fast_pooling, conv.applies, detection.batched_nms, proposals.batched_nms)
+    saved = (roi_align.fast_pooling, conv.applies, boxes.offset_form)
     roi_align.fast_pooling = lambda feature: False
     conv.applies = lambda x, module: False
-    detection.batched_nms = proposals.batched_nms = gpu_batched_nms
+    boxes.offset_form = lambda b: b.numel() <= boxes.GPU_OFFSET_NMS_COORDINATES
     try:
         yield
     finally:
-        roi_align.fast_pooling, conv.applies, detection.batched_nms, proposals.batched_nms = saved
+        roi_align.fast_pooling, conv.applies, boxes.offset_form = saved
 
 
 class DispatchCounter(TorchDispatchMode):

@@ -119,10 +119,16 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     boxes: [K, (x1, y1, x2, y2)] with non-negative coordinates; scores [K]; groups [K] int64.
     Returns indices into ``boxes``, by descending score.
     """
-    if not torch.compiler.is_exporting() and (boxes.device.type == "cpu"
-                                              or boxes.numel() > GPU_OFFSET_NMS_COORDINATES):
-        return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)
-    return offset_nms(boxes, scores, groups, iou_threshold)
+    if offset_form(boxes):
+        return offset_nms(boxes, scores, groups, iou_threshold)
+    return torchvision.ops.batched_nms(boxes, scores, groups, iou_threshold)
+
+
+def offset_form(boxes: torch.Tensor) -> bool:
+    """Whether :func:`batched_nms` of ``boxes`` [K, 4] runs as :func:`offset_nms`: while
+    exporting, and on a GPU up to :data:`GPU_OFFSET_NMS_COORDINATES`."""
+    return torch.compiler.is_exporting() or (boxes.device.type != "cpu"
+                                             and boxes.numel() <= GPU_OFFSET_NMS_COORDINATES)
 
 
 def offset_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
