@@ -124,6 +124,34 @@ class EllipseItems:
         return image.clone(), {k: v.clone() for k, v in target.items()}
 
 
+def cpu_quota() -> str:
+    """The cores this process may use: its affinity and, in a container, the cgroup's CPU quota."""
+    import os
+    text = f"{len(os.sched_getaffinity(0))} cores in the affinity"
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        text += ", cgroup quota " + ("none" if quota == "max" else f"{int(quota) / int(period):.1f} cores")
+    except (OSError, ValueError):
+        pass
+    return text
+
+
+def report_data_waits(metrics: Path) -> None:
+    """From the run's metrics.jsonl, the later half of its records (past start-up): steps/s and
+    the share of each step spent waiting for the DataLoader (``data_time``)."""
+    try:
+        records = [r for r in map(json.loads, metrics.read_text().splitlines()) if "data_time" in r]
+    except OSError:
+        return
+    later = records[len(records) // 2:]
+    if not later:
+        return
+    rate = statistics.mean(r["it_per_s"] for r in later)
+    wait = statistics.mean(r["data_time"] for r in later)
+    print(f"later {len(later)} of {len(records)} logged windows: {rate:.2f} steps/s, {wait * 1e3:.0f} ms a step waiting "
+          f"for data ({100 * wait * rate:.0f}% of the step); {cpu_quota()}")
+
+
 def median_seconds(fn, reps: int) -> float:
     """Median wall time of ``reps`` calls of ``fn`` (CUDA synchronised)."""
     import torch
@@ -299,6 +327,7 @@ def main(argv=None) -> None:
     sampler.join()
     print(proc.stdout[-1500:], proc.stderr[-1500:] if proc.returncode else "", sep="\n")
     run = time.perf_counter() - start
+    report_data_waits(scratch / "run" / "metrics.jsonl")
     steady = [u for t, u in samples if t - start > args.skip]
     if not samples:
         print(f"no GPU utilisation samples (nvidia-smi missing?); run {run:.0f} s, exit {proc.returncode}")

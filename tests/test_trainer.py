@@ -58,6 +58,39 @@ def test_loss_falls_and_logs_are_written(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 
+class _SlowItems(torch.utils.data.Dataset):
+    """ShapesDataset items that take ``delay`` seconds each to load."""
+
+    def __init__(self, delay):
+        self.items, self.delay = ShapesDataset(8, 64, 64, seed=1), delay
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        if self.delay:
+            time.sleep(self.delay)
+        return self.items[index]
+
+
+def test_metrics_report_how_long_the_steps_waited_for_data(tmp_path):
+    """data_time: the mean seconds a step waited for its batch; with loading in the step's own
+    process (no workers) it is at least the batch's loading time, never more than the whole
+    step, and with quick loading a small part of the step."""
+    for delay in (0.0, 0.05):
+        out = tmp_path / f"delay{delay}"
+        torch.manual_seed(0)
+        Trainer(TinyMaskRCNN(), _SlowItems(delay), out, Config(**CONFIG), progress=False, log_every=2).fit(4)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        waits = [r["data_time"] for r in records]
+        assert len(waits) == 2 and all(w >= 0 for w in waits)
+        per_step = [1 / r["it_per_s"] for r in records]
+        if delay:  # two items a batch
+            assert all(w >= 2 * delay for w in waits) and all(w <= s for w, s in zip(waits, per_step)), records
+        else:
+            assert all(w < 0.5 * s for w, s in zip(waits, per_step)), records
+
+
 def test_heads_regime_leaves_the_backbone_untouched(tmp_path):
     trainer = _trainer(tmp_path, layers="heads")
     before = [p.clone() for p in trainer.model.backbone.parameters()]

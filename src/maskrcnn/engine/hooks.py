@@ -120,12 +120,14 @@ class TimeBudget(HookBase):
 
 class MetricsLogger(HookBase):
     """Every ``log_every`` steps (and at the last), the mean of each loss over the steps since
-    the previous record, with the learning rate and speed, goes to metrics.jsonl and
-    TensorBoard; the tqdm bar shows each step's losses."""
+    the previous record, with the learning rate, speed and ``data_time`` (the mean seconds a
+    step waited for its batch: a data pipeline that keeps up leaves it near 0), goes to
+    metrics.jsonl and TensorBoard; the tqdm bar shows each step's losses."""
 
     def __init__(self, log_every: int, progress: bool):
         self.log_every, self.progress = log_every, progress
         self.window: list[dict] = []
+        self.data_seconds = 0.0  # summed over the open window
         self.last: dict = {}
 
     def before_train(self) -> None:
@@ -140,6 +142,7 @@ class MetricsLogger(HookBase):
     def after_step(self) -> None:
         t = self.trainer
         self.window.append(t.values)
+        self.data_seconds += t.data_seconds
         if self.bar is not None:
             self.bar.total = t.total_steps
             self.bar.update(1)
@@ -158,8 +161,8 @@ class MetricsLogger(HookBase):
         self.last = reduce_mean(mean, t.info.device)
         t.log({"step": t.step, "lr": t.learning_rate, **self.last,
                "it_per_s": len(self.window) / max(now - self.window_start, 1e-9),
-               "seconds": now - t.started})
-        self.window, self.window_start = [], now
+               "data_time": self.data_seconds / len(self.window), "seconds": now - t.started})
+        self.window, self.window_start, self.data_seconds = [], now, 0.0
 
     def after_train(self) -> None:
         self.flush()
@@ -167,10 +170,11 @@ class MetricsLogger(HookBase):
             self.bar.close()
 
     def state_dict(self) -> dict:
-        return {"window": list(self.window)}
+        return {"window": list(self.window), "data_seconds": self.data_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.window = list(state.get("window", []))
+        self.data_seconds = float(state.get("data_seconds", 0.0))
 
 
 class Evaluation(PeriodicHook):

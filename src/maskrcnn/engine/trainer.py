@@ -237,6 +237,7 @@ class Trainer:
         self.step = self.start_step = 0
         self.max_steps = 1
         self.values: dict[str, float] = {}
+        self.data_seconds = 0.0  # how long the last step waited for its batch
         self.stop_reason: str | None = None
         self._writer = None
         if evaluate is None and val_dataset is not None:
@@ -459,7 +460,12 @@ class Trainer:
             hook.before_train()
         batches = self.batches(self.step)
         while self.step < min(self.max_steps, self.total_steps) and self.stop_reason is None:
-            self.values = self.run_step(*next(batches))
+            # the time the step waited for its batch (Detectron2's data_time): near 0 while the
+            # DataLoader workers keep ahead of the step, the step's whole wait when they do not
+            waited = time.perf_counter()
+            batch = next(batches)
+            self.data_seconds = time.perf_counter() - waited
+            self.values = self.run_step(*batch)
             for hook in hooks:
                 hook.after_step()
         for hook in hooks:
