@@ -75,8 +75,10 @@ def clip_boxes(boxes: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     boxes:  [..., (x1, y1, x2, y2)].
     window: [(x1, y1, x2, y2)] or broadcastable to boxes, in the same frame.
     """
-    low = window[..., [0, 1, 0, 1]]  # (x1, y1, x1, y1): each corner's lower bound
-    high = window[..., [2, 3, 2, 3]]
+    # (x1, y1, x1, y1) and (x2, y2, x2, y2): each corner's bounds, by slicing (indexing with a
+    # list copies the list to the GPU from ordinary host memory: a wait for the GPU)
+    low = torch.cat([window[..., :2], window[..., :2]], dim=-1)
+    high = torch.cat([window[..., 2:], window[..., 2:]], dim=-1)
     return torch.minimum(torch.maximum(boxes, low), high)  # 4 kernels, not 8 and a stack
 
 

@@ -562,8 +562,8 @@ def crop_mask_targets(gt_masks: torch.Tensor, gt_index: torch.Tensor, rois: torc
     if gt_boxes is not None:
         box = gt_boxes.to(rois.dtype)[gt_index]
         size = device_constant((gt_masks.shape[2], gt_masks.shape[1]) * 2, rois.device, rois.dtype)
-        origin = box[:, [0, 1, 0, 1]]
-        extent = (box[:, 2:] - box[:, :2]).clamp(min=1e-6)[:, [0, 1, 0, 1]]
+        origin = box[:, :2].repeat(1, 2)  # (x1, y1, x1, y1), no index list to copy to the GPU
+        extent = (box[:, 2:] - box[:, :2]).clamp(min=1e-6).repeat(1, 2)
         rois = (rois - origin) / extent * size
     boxes = torch.cat([gt_index[:, None].to(rois.dtype), rois], dim=1)
     crops = roi_align(gt_masks[:, None].to(rois.dtype), boxes, tuple(mask_shape),
