@@ -369,3 +369,23 @@ def test_crop_and_resize_of_all_levels_at_once_equals_one_call_per_level(dtype, 
     pooled = RA.pyramid_roi_align(maps, [boxes[index == 0], boxes[index == 1]], 7, (1024, 1024), (4, 8, 16, 32))
     order = torch.cat([torch.nonzero(index == 0)[:, 0], torch.nonzero(index == 1)[:, 0]])
     assert torch.equal(pooled, results[0][0][order].to(dtype)) and pooled.is_contiguous()
+
+
+def test_any_along_and_mask_boxes_equal_torchs_any():
+    """boxes.any_along (the bytes' amax, vectorised where bool ``any`` is not) equals ``any``:
+    contiguous, strided and transposed masks, one dim or several, empty dims; masks_to_boxes
+    built on it gives each mask's tight box and (0, 0, 0, 0) for an empty one."""
+    from maskrcnn.boxes import any_along, masks_to_boxes
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(5, 37, 51, generator=gen) > 0.97
+    masks[2] = False
+    for m in (masks, masks[:, ::3, 1::2], masks.transpose(1, 2)):
+        for dim in (0, 1, 2, (1, 2), (0, 2)):
+            assert torch.equal(any_along(m, dim), m.any(dim=dim)), dim
+    for shape in ((2, 0, 3), (0, 4, 4)):
+        empty = torch.zeros(shape, dtype=torch.bool)
+        assert torch.equal(any_along(empty, (1, 2)), empty.any(dim=(1, 2)))
+    box = torch.zeros(3, 20, 30, dtype=torch.bool)
+    box[0, 4:9, 7:21] = True
+    box[1, 19, 0] = True
+    assert masks_to_boxes(box).tolist() == [[7, 4, 21, 9], [0, 19, 1, 20], [0, 0, 0, 0]]

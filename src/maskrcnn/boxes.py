@@ -144,6 +144,17 @@ def offset_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     return torchvision.ops.nms(shifted, scores, iou_threshold)
 
 
+def any_along(masks: torch.Tensor, dim) -> torch.Tensor:
+    """``masks.any(dim)`` of a bool tensor as the maximum of its bytes: PyTorch's CPU ``any``
+    is not vectorised (8 masks of 800x1066: 4.4 ms against 0.1 ms on one core), ``amax`` of
+    uint8 is.  ``dim``: an int or a tuple of ints, as ``amax`` takes; reduced dims of size 0
+    give False."""
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    if any(masks.shape[d] == 0 for d in dims):
+        return masks.any(dim=dims)  # amax refuses an empty reduction
+    return masks.view(torch.uint8).amax(dim=dims) > 0
+
+
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Tight boxes of binary masks, as Matterport's ``extract_bboxes``.
 
@@ -153,8 +164,8 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     n = masks.shape[0]
     if n == 0:
         return torch.zeros(0, 4, device=masks.device)
-    rows = masks.any(dim=2)  # [N, H]
-    cols = masks.any(dim=1)  # [N, W]
+    rows = any_along(masks, 2)  # [N, H]
+    cols = any_along(masks, 1)  # [N, W]
     h, w = masks.shape[1:]
     ar_h = torch.arange(h, device=masks.device)
     ar_w = torch.arange(w, device=masks.device)

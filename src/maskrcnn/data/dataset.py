@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..boxes import masks_to_boxes
+from ..boxes import any_along, masks_to_boxes
 from ..errors import DataError
 from .images import IntensityScaling, image_size, read_image
 from .records import require_mask_memory
@@ -214,7 +214,7 @@ def instances_target(masks: np.ndarray, class_ids: np.ndarray, image_id: int) ->
     """
     masks_t = torch.from_numpy(np.ascontiguousarray(np.asarray(masks, dtype=bool).transpose(2, 0, 1)))
     class_ids_t = torch.as_tensor(np.asarray(class_ids), dtype=torch.int64).reshape(-1)
-    keep = masks_t.flatten(1).any(dim=1)
+    keep = any_along(masks_t, (1, 2))
     masks_t = masks_t[keep]
     class_ids_t = class_ids_t[keep]
     return {
