@@ -8,11 +8,13 @@ import torch
 from data_samples import (GRAY_CAT, GRAY_CROWD, RGB_DOG, box_mask, coco_sample, labelme_file, labelme_sample,
                           labelme_shape, uncompressed_rle, via_sample, write_json)
 from PIL import Image
+from torchvision import tv_tensors
 
 import maskrcnn
 from maskrcnn.data import (Dataset, TorchDataset, build_transforms, collate, open_dataset, read_coco,
                            read_labelme, read_via)
 from maskrcnn.data.segmentation import segmentation_to_mask
+from maskrcnn.data.transforms import InstanceTransform
 from maskrcnn.errors import DataError
 
 
@@ -454,6 +456,57 @@ def test_scale_jitter_drops_instances_pushed_out():
     assert out["labels"].tolist() == [2] and out["iscrowd"].tolist() == [False]
     assert out["boxes"].tolist() == [[16, 16, 24, 24]]
     assert int(out["masks"].sum()) == 64
+
+
+def test_scale_jitter_zooms_about_the_centre_as_an_affine_zoom_does():
+    """ScaleAboutCentre (a resize and a centre crop or pad) puts each mask where
+    v2.RandomAffine's zoom about the centre puts it, in and out, within a pixel at the edges,
+    and the boxes stay the masks' tight boxes."""
+    from torchvision.transforms import v2
+
+    from maskrcnn.data.transforms import ScaleAboutCentre
+    masks = [box_mask(60, 90, 10, 25, 8, 30), box_mask(60, 90, 30, 52, 50, 85)]
+    for scale in (0.8, 1.0, 1.25):
+        target = _target(masks, [1, 2], [False, False])
+        only = dict(hflip_prob=0.0, scale_range=(scale, scale), brightness=0, contrast=0, saturation=0, hue=0)
+        image = torch.randint(0, 256, (3, 60, 90), dtype=torch.uint8)
+        out_image, out = build_transforms(True, **only)(image, target)
+        affine = v2.RandomAffine(degrees=0.0, scale=(scale, scale))
+        _, reference = InstanceTransform(affine)(image, _target(masks, [1, 2], [False, False]))
+        assert out_image.shape == image.shape and out["masks"].shape == (2, 60, 90)
+        assert (out["masks"] != reference["masks"]).sum(dim=(1, 2)).le(2 * (60 + 90) * 0.5 * scale).all()
+        assert (out["boxes"] - reference["boxes"]).abs().max() <= 1
+        if scale == 1.0:
+            assert torch.equal(out_image, image) and torch.equal(out["masks"], target["masks"])
+    assert isinstance(build_transforms(True).transform.transforms[1], ScaleAboutCentre)
+
+
+def test_hue_rotation_turns_colours_and_keeps_greys_and_luma():
+    """HueRotation: greys stay, luma stays within rounding, a turn and its reverse come back
+    within rounding, and a small turn moves colours about as far as ColorJitter's HSV hue."""
+    from torchvision.transforms.v2 import functional as F
+
+    from maskrcnn.data.transforms import HueRotation
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 32, 48), dtype=torch.uint8, generator=gen)
+    image[:, :4] = torch.arange(0, 256, 256 // 48, dtype=torch.uint8)[:48]  # grey rows
+    rotate = HueRotation(0.5)
+    turned = rotate.transform(tv_tensors.Image(image), {"turn": 0.1}).as_subclass(torch.Tensor)
+    assert turned.dtype == torch.uint8 and turned.shape == image.shape
+    assert (turned[:, :4].int() - image[:, :4].int()).abs().max() <= 1  # greys
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    unclipped = (turned > 0).all(0) & (turned < 255).all(0)
+    assert ((luma @ turned.float().flatten(1) - luma @ image.float().flatten(1)).abs()[unclipped.flatten()].max()
+            <= 1.0)
+    back = rotate.transform(tv_tensors.Image(turned), {"turn": -0.1}).as_subclass(torch.Tensor)
+    assert (back.int() - image.int())[:, unclipped].abs().float().mean() < 1.0
+    assert not torch.equal(turned, image)
+    for turn in (0.02, -0.05):  # the same direction as HSV's hue and a similar size
+        ours = (rotate.transform(tv_tensors.Image(image), {"turn": turn}).as_subclass(torch.Tensor).float() - image)
+        hsv = F.adjust_hue(image, turn).float() - image
+        assert torch.corrcoef(torch.stack([ours.flatten(), hsv.flatten()]))[0, 1] > 0.5
+        assert 0.5 < ours.abs().mean() / hsv.abs().mean() < 2
+    assert torch.equal(rotate.transform(tv_tensors.Image(image), {"turn": 0.0}).as_subclass(torch.Tensor), image)
 
 
 def test_color_jitter_changes_pixels_only():

@@ -15,11 +15,13 @@ out of the picture) are dropped along with their label and crowd flag.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..boxes import masks_to_boxes
+from ..boxes import any_along, masks_to_boxes
 
 
 class InstanceTransform:
@@ -43,11 +45,85 @@ class InstanceTransform:
         return f"InstanceTransform({self.transform!r})"
 
 
+class ScaleAboutCentre(v2.Transform):
+    """Zoom the picture about its centre by a factor drawn uniformly from ``scale_range``,
+    within the same canvas: > 1 crops the borders away, < 1 pads with black.  What
+    ``v2.RandomAffine(degrees=0, scale=scale_range)`` does, as a resize (bilinear, antialiased
+    for images; nearest for masks) and a centre crop or pad: 9 ms an 800x1066 item with 8
+    masks on one core, where the affine warp took 94 ms (and sampled the image nearest)."""
+
+    def __init__(self, scale_range: tuple = (0.8, 1.25)):
+        super().__init__()
+        low, high = (float(v) for v in scale_range)
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range={scale_range}: need 0 < low <= high")
+        self.scale_range = (low, high)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        from torchvision.transforms.v2._utils import query_size
+        height, width = query_size(flat_inputs)
+        scale = float(torch.empty(()).uniform_(*self.scale_range))
+        return {"size": [height, width],
+                "scaled": [max(1, round(height * scale)), max(1, round(width * scale))]}
+
+    def transform(self, inpt, params: dict):
+        from torchvision.transforms.v2 import functional as F
+        if not isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask, tv_tensors.BoundingBoxes)):
+            return inpt
+        resized = F.resize(inpt, params["scaled"], antialias=True)
+        return F.center_crop(resized, params["size"])
+
+    # torchvision before 0.21 calls them by these names
+    _get_params = make_params
+    _transform = transform
+
+
+#: NTSC's RGB -> YIQ matrix (rows Y, I, Q); Y is the luma that a hue rotation keeps.
+RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+class HueRotation(v2.Transform):
+    """Shift the hue of the image by a factor drawn uniformly from [-hue, hue] (of a full
+    turn, as ``v2.ColorJitter``'s hue), as a rotation of the chroma plane in YIQ space (what
+    NVIDIA DALI's ``hue`` does): one 3x3 colour matrix, 5 ms an 800x1066 image on one core,
+    where ``ColorJitter``'s round trip through HSV took 68 ms.  Luma is kept exactly; hue moves
+    as in HSV up to the two spaces' different geometry, which an augmentation of a few degrees
+    does not notice."""
+
+    def __init__(self, hue: float = 0.02):
+        super().__init__()
+        if not 0 <= hue <= 0.5:
+            raise ValueError(f"hue={hue}: need 0 <= hue <= 0.5")
+        self.hue = float(hue)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        return {"turn": float(torch.empty(()).uniform_(-self.hue, self.hue))}
+
+    def transform(self, inpt, params: dict):
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        angle = -2 * math.pi * params["turn"]  # HSV's direction: red towards yellow for a positive turn
+        to_yiq = torch.tensor(RGB_TO_YIQ, dtype=torch.float64)
+        rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, math.cos(angle), -math.sin(angle)],
+                               [0.0, math.sin(angle), math.cos(angle)]], dtype=torch.float64)
+        matrix = (torch.linalg.inv(to_yiq) @ rotate @ to_yiq).float()
+        image = inpt.as_subclass(torch.Tensor)  # [..., 3, H, W]
+        out = (matrix @ image.reshape(*image.shape[:-3], 3, -1).float()).reshape(image.shape)
+        if image.dtype == torch.uint8:
+            out = out.round_().clamp_(0, 255).to(torch.uint8)
+        else:
+            out = out.clamp_(0, 1).to(image.dtype)
+        return tv_tensors.wrap(out, like=inpt)
+
+    _get_params = make_params
+    _transform = transform
+
+
 def drop_empty_instances(target: dict) -> dict:
     """Target with masks as [N, H, W] bool, boxes the tight boxes of the masks, and the
     instances whose mask has no pixel removed (from boxes, labels, masks and iscrowd)."""
     masks = target["masks"].as_subclass(torch.Tensor).bool()
-    keep = masks.flatten(1).any(dim=1)
+    keep = any_along(masks, (1, 2))
     out = dict(target)
     out["masks"] = masks[keep]
     out["boxes"] = masks_to_boxes(out["masks"]).to(torch.float32)
@@ -74,7 +150,9 @@ def build_transforms(train: bool, hflip_prob: float = 0.5, scale_range: tuple = 
     if hflip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(p=hflip_prob))
     if tuple(scale_range) != (1.0, 1.0):
-        steps.append(v2.RandomAffine(degrees=0.0, scale=tuple(scale_range)))
-    if any((brightness, contrast, saturation, hue)):
-        steps.append(v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue))
-    return InstanceTransform(v2.Compose(steps))
+        steps.append(ScaleAboutCentre(scale_range))
+    if any((brightness, contrast, saturation)):
+        steps.append(v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation))
+    if hue:
+        steps.append(HueRotation(hue))
+    return InstanceTransform(v2.Compose(steps or [v2.Identity()]))  # all off: boxes still re-derived
