@@ -96,27 +96,52 @@ def resize_bilinear_uint8(image: np.ndarray, height: int, width: int) -> np.ndar
     ulp, and truncation to uint8 turns an ulp below an integer into one grey level).  skimage then
     clips to the input's range [min, max], widened down to 0 only when some output is exactly 0;
     so a border pixel darkened by the zeros outside comes back up to the image's minimum.
-    Computed ``RESIZE_ROWS`` output rows at a time, whose float64 temporaries stay in cache
-    (480x640 -> 768x1024: 63 -> 48 ms; 1024x1365 -> 768x1024: 99 -> 53 ms on one core).
+
+    Computed ``RESIZE_ROWS`` output rows at a time, each row flattened to W * C values, so the
+    float64 temporaries stay in cache and every step is a contiguous ``take`` or an in-place
+    product into buffers made once; clipping to an integer bound commutes with truncation, so
+    each block is clipped above and truncated at once, and raised to the minimum at the end
+    (800x1066 -> 961x1024: 63 -> 24 ms on one core).
     """
     y0, y1, wy0, wy1 = _linear_taps(image.shape[0], height)
     x0, x1, wx0, wx1 = _linear_taps(image.shape[1], width)
+    channels = image.shape[2]
     padded = np.pad(image, [(1, 1), (1, 1), (0, 0)])
-    wx0, wx1 = wx0[None, :, None], wx1[None, :, None]
-    out = np.empty((height, width, image.shape[2]), dtype=np.float64)
+    flat = padded.reshape(padded.shape[0], -1)  # [H + 2, (W + 2) * C]
+    # each output value's two input columns and weights, along the flattened row
+    within = np.arange(channels)
+    left, right = (x0[:, None] * channels + within).ravel(), (x1[:, None] * channels + within).ravel()
+    w_left, w_right = np.repeat(wx0, channels), np.repeat(wx1, channels)
+    rows_max = min(RESIZE_ROWS, height)
+    top, bottom = np.empty((rows_max, flat.shape[1])), np.empty((rows_max, flat.shape[1]))
+    part_buf, term_buf = np.empty((rows_max, width * channels)), np.empty((rows_max, width * channels))
+    out = np.empty((height, width * channels), dtype=np.uint8)
+    low, high = float(image.min()), float(image.max())
+    has_zero = False
     for start in range(0, height, RESIZE_ROWS):
         rows = slice(start, start + RESIZE_ROWS)
-        top = padded[y0[rows]] * wy0[rows, None, None]
-        bottom = padded[y1[rows]] * wy1[rows, None, None]
-        part = out[rows]
-        np.multiply(top[:, x0], wx0, out=part)
-        part += top[:, x1] * wx1
-        part += bottom[:, x0] * wx0
-        part += bottom[:, x1] * wx1
-    low, high = float(image.min()), float(image.max())
-    if low > 0 and (out == 0).any():
-        low = 0.0
-    return np.clip(out, low, high, out=out).astype(np.uint8)
+        n = len(y0[rows])
+        t, b, part, term = top[:n], bottom[:n], part_buf[:n], term_buf[:n]
+        np.multiply(flat[y0[rows]], wy0[rows, None], out=t)
+        np.multiply(flat[y1[rows]], wy1[rows, None], out=b)
+        np.take(t, left, axis=1, out=part)
+        part *= w_left
+        np.take(t, right, axis=1, out=term)
+        term *= w_right
+        part += term
+        np.take(b, left, axis=1, out=term)
+        term *= w_left
+        part += term
+        np.take(b, right, axis=1, out=term)
+        term *= w_right
+        part += term
+        if low > 0 and not has_zero:
+            has_zero = bool((part == 0).any())
+        np.minimum(part, high, out=part)  # outputs are >= 0: the weights and pixels are
+        out[rows] = part  # truncates, as astype(np.uint8)
+    if low > 0 and not has_zero:
+        np.maximum(out, np.uint8(low), out=out)
+    return out.reshape(height, width, channels)
 
 
 def _centred_padding(size: int, multiple: int) -> tuple[int, int]:
