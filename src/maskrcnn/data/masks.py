@@ -231,7 +231,7 @@ class MaskDirsDataset(MaskImageDataset):
                 continue
             masks.append(mask)
             keep[k] = True
-        stacked = np.stack(masks, axis=2) if masks else np.zeros((height, width, 0), dtype=bool)
+        stacked = np.stack(masks).transpose(1, 2, 0) if masks else np.zeros((height, width, 0), dtype=bool)
         return stacked, class_ids[keep], problems
 
 
