@@ -73,14 +73,18 @@ class _SlowItems(torch.utils.data.Dataset):
         return self.items[index]
 
 
-def test_metrics_report_how_long_the_steps_waited_for_data(tmp_path):
+def test_metrics_report_how_long_the_steps_waited_for_data(tmp_path, caplog):
     """data_time: the mean seconds a step waited for its batch; with loading in the step's own
     process (no workers) it is at least the batch's loading time, never more than the whole
     step, and with quick loading a small part of the step."""
     for delay in (0.0, 0.05):
         out = tmp_path / f"delay{delay}"
         torch.manual_seed(0)
+        caplog.clear()
         Trainer(TinyMaskRCNN(), _SlowItems(delay), out, Config(**CONFIG), progress=False, log_every=2).fit(4)
+        warned = [r.getMessage() for r in caplog.records if "wait for their data" in r.getMessage()]
+        # the second window is judged (the first holds start-up): a 0.1 s wait of a quick step
+        assert len(warned) == (1 if delay else 0), warned
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         waits = [r["data_time"] for r in records]
         assert len(waits) == 2 and all(w >= 0 for w in waits)

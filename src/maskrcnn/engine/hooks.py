@@ -31,6 +31,10 @@ from .distributed import agreed_max, gather_to_main, is_distributed, reduce_mean
 
 log = logging.getLogger(__name__)
 
+#: MetricsLogger warns (once) when the steps of a logged window spent more than this share of
+#: their time waiting for the DataLoader.
+DATA_BOUND_SHARE = 0.5
+
 #: A time-limited run re-estimates how many steps fit in its budget after 10 steps, then
 #: every RATE_CHECK_EVERY steps, and whenever its schedule is about to end with time left.
 FIRST_RATE_CHECK = 10
@@ -128,6 +132,8 @@ class MetricsLogger(HookBase):
         self.log_every, self.progress = log_every, progress
         self.window: list[dict] = []
         self.data_seconds = 0.0  # summed over the open window
+        self.windows_seen = 0  # the first holds the workers' start-up: not judged
+        self.warned_data = False
         self.last: dict = {}
 
     def before_train(self) -> None:
@@ -159,9 +165,20 @@ class MetricsLogger(HookBase):
         now = time.perf_counter()
         mean = {k: sum(w[k] for w in self.window) / len(self.window) for k in self.window[0]}
         self.last = reduce_mean(mean, t.info.device)
-        t.log({"step": t.step, "lr": t.learning_rate, **self.last,
-               "it_per_s": len(self.window) / max(now - self.window_start, 1e-9),
-               "data_time": self.data_seconds / len(self.window), "seconds": now - t.started})
+        step_time = max(now - self.window_start, 1e-9) / len(self.window)
+        data_time = self.data_seconds / len(self.window)
+        t.log({"step": t.step, "lr": t.learning_rate, **self.last, "it_per_s": 1 / step_time,
+               "data_time": data_time, "seconds": now - t.started})
+        self.windows_seen += 1
+        if (self.windows_seen > 1 and not self.warned_data and data_time > DATA_BOUND_SHARE * step_time
+                and t.info.is_main):
+            self.warned_data = True
+            where = (f"{t.num_workers} DataLoader worker(s)" if t.num_workers
+                     else "the training process itself (no workers)")
+            log.warning("the steps wait for their data: %.0f ms of each %.0f ms step (data_time in %s); loading "
+                        "(decoding, augmentation, resizing) in %s is slower than the model trains: add --workers "
+                        "if cores are free, or lighten the augmentation", data_time * 1e3, step_time * 1e3,
+                        t.metrics_path.name, where)
         self.window, self.window_start, self.data_seconds = [], now, 0.0
 
     def after_train(self) -> None:
