@@ -49,7 +49,7 @@ class ScaleAboutCentre(v2.Transform):
     """Zoom the picture about its centre by a factor drawn uniformly from ``scale_range``,
     within the same canvas: > 1 crops the borders away, < 1 pads with black.  What
     ``v2.RandomAffine(degrees=0, scale=scale_range)`` does, as a resize (bilinear, antialiased
-    for images; nearest for masks) and a centre crop or pad: 9 ms an 800x1066 item with 8
+    for images; nearest for masks) and a centre crop or pad: 16 ms an 800x1066 item with 8
     masks on one core, where the affine warp took 94 ms (and sampled the image nearest)."""
 
     def __init__(self, scale_range: tuple = (0.8, 1.25)):
@@ -85,10 +85,10 @@ RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.
 class HueRotation(v2.Transform):
     """Shift the hue of the image by a factor drawn uniformly from [-hue, hue] (of a full
     turn, as ``v2.ColorJitter``'s hue), as a rotation of the chroma plane in YIQ space (what
-    NVIDIA DALI's ``hue`` does): one 3x3 colour matrix, 5 ms an 800x1066 image on one core,
-    where ``ColorJitter``'s round trip through HSV took 68 ms.  Luma is kept exactly; hue moves
-    as in HSV up to the two spaces' different geometry, which an augmentation of a few degrees
-    does not notice."""
+    NVIDIA DALI's ``hue`` does): one 3x3 colour matrix, 8 ms an 800x1066 image on one core,
+    where ``ColorJitter``'s round trip through HSV took 68 ms.  Luma is kept (up to rounding
+    and clipping to [0, 255]); hue moves the way HSV's does, by a similar amount, up to the two
+    spaces' different geometry, which an augmentation of a few degrees does not notice."""
 
     def __init__(self, hue: float = 0.02):
         super().__init__()
