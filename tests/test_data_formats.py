@@ -507,6 +507,8 @@ def test_hue_rotation_turns_colours_and_keeps_greys_and_luma():
         assert torch.corrcoef(torch.stack([ours.flatten(), hsv.flatten()]))[0, 1] > 0.5
         assert 0.5 < ours.abs().mean() / hsv.abs().mean() < 2
     assert torch.equal(rotate.transform(tv_tensors.Image(image), {"turn": 0.0}).as_subclass(torch.Tensor), image)
+    grey = tv_tensors.Image(image[:1])
+    assert rotate.transform(grey, {"turn": 0.1}) is grey
 
 
 def test_color_jitter_changes_pixels_only():

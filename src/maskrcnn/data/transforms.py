@@ -100,7 +100,7 @@ class HueRotation(v2.Transform):
         return {"turn": float(torch.empty(()).uniform_(-self.hue, self.hue))}
 
     def transform(self, inpt, params: dict):
-        if not isinstance(inpt, tv_tensors.Image):
+        if not isinstance(inpt, tv_tensors.Image) or inpt.shape[-3] != 3:  # a grey image has no hue
             return inpt
         angle = -2 * math.pi * params["turn"]  # HSV's direction: red towards yellow for a positive turn
         to_yiq = torch.tensor(RGB_TO_YIQ, dtype=torch.float64)
