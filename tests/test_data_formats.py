@@ -478,6 +478,11 @@ def test_scale_jitter_zooms_about_the_centre_as_an_affine_zoom_does():
         assert (out["boxes"] - reference["boxes"]).abs().max() <= 1
         if scale == 1.0:
             assert torch.equal(out_image, image) and torch.equal(out["masks"], target["masks"])
+        # the picture moves with its masks: a white silhouette stays on its mask
+        silhouette = (_target(masks, [1, 2], [False, False])["masks"].any(0) * 255).to(torch.uint8).expand(3, -1, -1)
+        moved, placed = build_transforms(True, **only)(silhouette.clone(), _target(masks, [1, 2], [False, False]))
+        white, union = moved[0] > 127, placed["masks"].any(0)
+        assert (white & union).sum() / (white | union).sum() > 0.95
     assert isinstance(build_transforms(True).transform.transforms[1], ScaleAboutCentre)
 
 
