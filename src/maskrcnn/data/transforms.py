@@ -36,8 +36,11 @@ class InstanceTransform:
         height, width = image.shape[-2:]
         wrapped = dict(target)
         wrapped["boxes"] = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(height, width))
-        # uint8 rather than bool: every v2 kernel resamples uint8 masks.
-        wrapped["masks"] = tv_tensors.Mask(target["masks"].to(torch.uint8))
+        # uint8 rather than bool: every v2 kernel resamples uint8 masks (a bool mask is viewed as
+        # its bytes, not copied; the kernels return new tensors)
+        masks = target["masks"]
+        wrapped["masks"] = tv_tensors.Mask(masks.view(torch.uint8) if masks.dtype == torch.bool
+                                           else masks.to(torch.uint8))
         image_out, out = self.transform(tv_tensors.Image(image), wrapped)
         return image_out.as_subclass(torch.Tensor), drop_empty_instances(out)
 
@@ -131,11 +134,13 @@ def drop_empty_instances(target: dict) -> dict:
     instances whose mask has no pixel removed (from boxes, labels, masks and iscrowd)."""
     masks = target["masks"].as_subclass(torch.Tensor).bool()
     keep = any_along(masks, (1, 2))
+    every = bool(keep.all())  # the usual case: no copy of the masks to leave none out
     out = dict(target)
-    out["masks"] = masks[keep]
+    out["masks"] = masks if every else masks[keep]
     out["boxes"] = masks_to_boxes(out["masks"]).to(torch.float32)
     for key in ("labels", "iscrowd"):
-        out[key] = target[key].as_subclass(torch.Tensor)[keep]
+        value = target[key].as_subclass(torch.Tensor)
+        out[key] = value if every else value[keep]
     return out
 
 
