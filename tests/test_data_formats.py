@@ -486,34 +486,68 @@ def test_scale_jitter_zooms_about_the_centre_as_an_affine_zoom_does():
     assert isinstance(build_transforms(True).transform.transforms[1], ScaleAboutCentre)
 
 
-def test_hue_rotation_turns_colours_and_keeps_greys_and_luma():
-    """HueRotation: greys stay, luma stays within rounding, a turn and its reverse come back
-    within rounding, and a small turn moves colours about as far as ColorJitter's HSV hue."""
+def _jitter(image, **params):
+    """LinearColorJitter's output for the given factors (None: that step left out), in the
+    order brightness, contrast, saturation, hue unless ``order`` says otherwise."""
+    from maskrcnn.data.transforms import LinearColorJitter
+    full = {"order": [0, 1, 2, 3], "brightness": None, "contrast": None, "saturation": None, "turn": None}
+    out = LinearColorJitter(0.5, 0.5, 0.5, 0.5).transform(tv_tensors.Image(image), full | params)
+    return out.as_subclass(torch.Tensor)
+
+
+def test_linear_color_jitter_matches_each_of_torchvisions_steps():
+    """Brightness, contrast and saturation alone give torchvision's adjust_* within a grey level
+    or two where nothing clips (torchvision truncates, this rounds); composed in any order the
+    one colour map equals the steps applied one after another (float, unclipped)."""
     from torchvision.transforms.v2 import functional as F
 
-    from maskrcnn.data.transforms import HueRotation
+    from maskrcnn.data.transforms import LinearColorJitter
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(60, 190, (3, 24, 40), dtype=torch.uint8, generator=gen)
+    for key, value, reference in (("brightness", 1.15, F.adjust_brightness), ("contrast", 0.8, F.adjust_contrast),
+                                  ("saturation", 1.2, F.adjust_saturation)):
+        diff = (_jitter(image, **{key: value}).int() - reference(image, value).int()).abs()
+        assert diff.max() <= 2 and diff.float().mean() < 1, key
+    pixels = image.reshape(3, -1).double()
+    grey = torch.tensor([0.2989, 0.587, 0.114], dtype=torch.float64)
+    steps = {0: lambda x: 1.1 * x, 1: lambda x: 0.7 * x + 0.3 * (grey @ x).mean(),
+             2: lambda x: 1.3 * x - 0.3 * (grey @ x)[None]}
+    params = {"brightness": 1.1, "contrast": 0.7, "saturation": 1.3, "turn": None}
+    for order in ([0, 1, 2], [2, 1, 0], [1, 0, 2], [1, 2, 0]):
+        a, t = LinearColorJitter.colour_map(params | {"order": order + [3]}, pixels.mean(dim=1))
+        expected = pixels
+        for step in order:
+            expected = steps[step](expected)
+        assert torch.allclose(a @ pixels + t[:, None], expected, atol=1e-9), order
+    with pytest.raises(ValueError):
+        LinearColorJitter(hue=0.7)
+
+
+def test_linear_color_jitter_turns_hue_and_keeps_greys_and_luma():
+    """The hue step: greys stay, luma stays within rounding, a turn and its reverse come back
+    within rounding, and a small turn moves colours the way HSV's hue does, by a similar
+    amount; a one-channel image is left as it is."""
+    from torchvision.transforms.v2 import functional as F
     gen = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, 32, 48), dtype=torch.uint8, generator=gen)
     image[:, :4] = torch.arange(0, 256, 256 // 48, dtype=torch.uint8)[:48]  # grey rows
-    rotate = HueRotation(0.5)
-    turned = rotate.transform(tv_tensors.Image(image), {"turn": 0.1}).as_subclass(torch.Tensor)
+    turned = _jitter(image, turn=0.1)
     assert turned.dtype == torch.uint8 and turned.shape == image.shape
     assert (turned[:, :4].int() - image[:, :4].int()).abs().max() <= 1  # greys
     luma = torch.tensor([0.299, 0.587, 0.114])
     unclipped = (turned > 0).all(0) & (turned < 255).all(0)
     assert ((luma @ turned.float().flatten(1) - luma @ image.float().flatten(1)).abs()[unclipped.flatten()].max()
             <= 1.0)
-    back = rotate.transform(tv_tensors.Image(turned), {"turn": -0.1}).as_subclass(torch.Tensor)
+    back = _jitter(turned, turn=-0.1)
     assert (back.int() - image.int())[:, unclipped].abs().float().mean() < 1.0
     assert not torch.equal(turned, image)
     for turn in (0.02, -0.05):  # the same direction as HSV's hue and a similar size
-        ours = (rotate.transform(tv_tensors.Image(image), {"turn": turn}).as_subclass(torch.Tensor).float() - image)
+        ours = _jitter(image, turn=turn).float() - image
         hsv = F.adjust_hue(image, turn).float() - image
         assert torch.corrcoef(torch.stack([ours.flatten(), hsv.flatten()]))[0, 1] > 0.5
         assert 0.5 < ours.abs().mean() / hsv.abs().mean() < 2
-    assert torch.equal(rotate.transform(tv_tensors.Image(image), {"turn": 0.0}).as_subclass(torch.Tensor), image)
-    grey = tv_tensors.Image(image[:1])
-    assert rotate.transform(grey, {"turn": 0.1}) is grey
+    assert torch.equal(_jitter(image, turn=0.0), image) and torch.equal(_jitter(image), image)
+    assert torch.equal(_jitter(image[:1], turn=0.1, brightness=1.2), image[:1])
 
 
 def test_color_jitter_changes_pixels_only():
