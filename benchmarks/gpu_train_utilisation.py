@@ -22,8 +22,9 @@ with ``--workers`` workers, preparing in the step against in the workers (interl
 ``--dispatch`` counts, on the CPU, the kernels and GPU waits of one Trainer step as a GPU runs
 it (torchvision's roi_align, direct convolutions, gathered crops, the offset NMS; thin heads
 keep it quick, which changes sizes, not the count) with ``--preset``, ``--backbone``,
-``--batch``, ``--size`` (the images' molded size: ``image_min_dim`` x ``image_max_dim``) and ``--amp``: each one an ATen op, the waits estimated from the op
-names (:class:`harness.DispatchCounter`), with the functions that dispatch most.
+``--batch``, ``--size`` (the images' molded size: ``image_min_dim`` x ``image_max_dim``) and
+``--amp``: each one an ATen op, the waits estimated from the op names
+(:class:`harness.DispatchCounter`), with the functions that dispatch most.
 """
 from __future__ import annotations
 
@@ -126,8 +127,8 @@ class EllipseItems:
 
 def cpu_quota() -> str:
     """The cores this process may use: its affinity and, in a container, the cgroup's CPU quota."""
-    import os
-    text = f"{len(os.sched_getaffinity(0))} cores in the affinity"
+    from maskrcnn.utils import usable_cores
+    text = f"{usable_cores()} cores in the affinity"
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
         text += ", cgroup quota " + ("none" if quota == "max" else f"{int(quota) / int(period):.1f} cores")
