@@ -200,7 +200,8 @@ class Dataset:
                 continue
             masks.append(segmentation_to_mask(ann["segmentation"], height, width))
             class_ids.append(-class_id if ann.get("iscrowd") else class_id)
-        # [H, W, N] as a view of [N, H, W] rows: instances_target's [N, H, W] needs no copy
+        # [H, W, N] as a view of the stacked [N, H, W]: instances_target takes the instances back
+        # out of it in one copy (pycocotools' masks are column-major: a transpose is unavoidable)
         stacked = np.stack(masks).transpose(1, 2, 0) if masks else np.zeros((height, width, 0), dtype=bool)
         return stacked, np.asarray(class_ids, dtype=np.int32)
 

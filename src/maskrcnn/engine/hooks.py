@@ -177,8 +177,8 @@ class MetricsLogger(HookBase):
                      else "the training process itself (no workers)")
             log.warning("the steps wait for their data: %.0f ms of each %.0f ms step (data_time in %s); loading "
                         "(decoding, augmentation, resizing) in %s is slower than the model trains: more workers "
-                        "(--workers, or num_workers=) if cores are free, or a lighter augmentation", data_time * 1e3, step_time * 1e3,
-                        t.metrics_path.name, where)
+                        "(--workers, or num_workers=) if cores are free, or a lighter augmentation",
+                        data_time * 1e3, step_time * 1e3, t.metrics_path.name, where)
         self.window, self.window_start, self.data_seconds = [], now, 0.0
 
     def after_train(self) -> None:
